@@ -1,0 +1,182 @@
+//! The receive buffer the adapter reads into, and the queue of bytes waiting
+//! to be sent.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use bytes::{Buf, Bytes, BytesMut};
+
+/// Receive buffer: one allocation, zeroed once, reused for the life of the
+/// connection. The adapter reads into [`RecvBuffer::spare`] and commits what
+/// it read; the state machine consumes from the front.
+#[derive(Debug)]
+pub(crate) struct RecvBuffer {
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl RecvBuffer {
+    pub(crate) fn new(capacity: usize) -> Self {
+        RecvBuffer {
+            buf: vec![0; capacity],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    /// Bytes received and not yet consumed.
+    pub(crate) fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.end - self.start
+    }
+
+    pub(crate) fn consume(&mut self, n: usize) {
+        let n = n.min(self.len());
+        self.start += n;
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// Free space after the data, moving the data to the front first when
+    /// that makes room.
+    pub(crate) fn spare(&mut self) -> &mut [u8] {
+        if self.start > 0 && self.buf.len() - self.end < self.buf.len() / 2 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        &mut self.buf[self.end..]
+    }
+
+    pub(crate) fn commit(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
+    }
+
+    /// Copies `src` in, as much as fits; returns how much was taken.
+    pub(crate) fn fill_from(&mut self, src: &[u8]) -> usize {
+        let spare = self.spare();
+        let n = spare.len().min(src.len());
+        spare[..n].copy_from_slice(&src[..n]);
+        self.commit(n);
+        n
+    }
+}
+
+/// One queued piece of output.
+#[derive(Debug)]
+enum Segment {
+    /// A request header, stored inline so that queuing it never allocates.
+    Inline { buf: [u8; 32], start: u8, end: u8 },
+    /// An option message or a caller's write payload.
+    Shared(Bytes),
+}
+
+impl Segment {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Segment::Inline { buf, start, end } => &buf[*start as usize..*end as usize],
+            Segment::Shared(b) => b,
+        }
+    }
+}
+
+/// Bytes waiting for the socket: request headers inline, option messages
+/// built in a scratch buffer, and write payloads as the caller's own `Bytes`
+/// (no copy), so the adapter can send everything with one vectored write and
+/// steady-state traffic allocates nothing.
+#[derive(Debug, Default)]
+pub(crate) struct SendQueue {
+    segments: VecDeque<Segment>,
+    scratch: BytesMut,
+    queued: usize,
+}
+
+impl SendQueue {
+    /// The buffer to append an option message to; call [`SendQueue::seal`] after.
+    pub(crate) fn scratch(&mut self) -> &mut BytesMut {
+        &mut self.scratch
+    }
+
+    /// Queues what was appended to the scratch buffer.
+    pub(crate) fn seal(&mut self) {
+        if !self.scratch.is_empty() {
+            let b = self.scratch.split().freeze();
+            self.queued += b.len();
+            self.segments.push_back(Segment::Shared(b));
+        }
+    }
+
+    /// Queues a request header (at most 32 bytes) without allocating.
+    pub(crate) fn push_header(&mut self, h: &[u8]) {
+        self.seal();
+        let mut buf = [0u8; 32];
+        let n = h.len().min(32);
+        buf[..n].copy_from_slice(&h[..n]);
+        self.queued += n;
+        self.segments.push_back(Segment::Inline {
+            buf,
+            start: 0,
+            end: n as u8,
+        });
+    }
+
+    /// Queues a payload without copying it.
+    pub(crate) fn push_payload(&mut self, b: Bytes) {
+        self.seal();
+        if !b.is_empty() {
+            self.queued += b.len();
+            self.segments.push_back(Segment::Shared(b));
+        }
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queued == 0 && self.scratch.is_empty()
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.queued + self.scratch.len()
+    }
+
+    pub(crate) fn slices<'a>(&'a mut self, out: &mut [IoSlice<'a>]) -> usize {
+        self.seal();
+        let mut n = 0;
+        for (slot, seg) in out.iter_mut().zip(self.segments.iter()) {
+            *slot = IoSlice::new(seg.bytes());
+            n += 1;
+        }
+        n
+    }
+
+    pub(crate) fn front(&mut self) -> &[u8] {
+        self.seal();
+        self.segments.front().map(Segment::bytes).unwrap_or(&[])
+    }
+
+    pub(crate) fn advance(&mut self, mut n: usize) {
+        self.seal();
+        n = n.min(self.queued);
+        self.queued -= n;
+        while n > 0 {
+            let Some(front) = self.segments.front_mut() else {
+                break;
+            };
+            let len = front.bytes().len();
+            if n >= len {
+                n -= len;
+                self.segments.pop_front();
+            } else {
+                match front {
+                    Segment::Inline { start, .. } => *start += n as u8,
+                    Segment::Shared(b) => b.advance(n),
+                }
+                n = 0;
+            }
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! [`Connection`]: the public face of the core, tying the negotiation and
+//! transmission state machines to the input buffer, the output queue and the
+//! event queue.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
+use crate::buffer::{RecvBuffer, SendQueue};
+use crate::config::Config;
+use crate::error::ProtocolError;
+use crate::event::{CloseReason, Event, ExportInfo, Protocol};
+use crate::negotiate::{AutoStep, State};
+use crate::transmit::Transmission;
+
+/// Size of the receive buffer: large enough for any message the core
+/// buffers whole (option replies are capped well below it), and for many
+/// small replies per socket read.
+const RECV_BUFFER_LEN: usize = 256 * 1024;
+
+/// Where the connection is in its life (libnbd's public states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Handshake or an option exchange is in progress.
+    Connecting,
+    /// Option mode: paused between options, waiting for an `opt_*` call.
+    Negotiating,
+    /// Transmission phase: commands may be issued.
+    Ready,
+    /// Ended in an orderly way (abort or disconnect).
+    Closed,
+    /// Ended by an error.
+    Dead,
+}
+
+impl Phase {
+    /// A short name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Negotiating => "negotiating",
+            Phase::Ready => "ready",
+            Phase::Closed => "closed",
+            Phase::Dead => "dead",
+        }
+    }
+}
+
+/// One NBD client connection, without any I/O.
+///
+/// # Driving it
+/// The adapter owns the socket and loops:
+/// 1. send what [`Connection::transmit_slices`] (or [`Connection::poll_transmit`])
+///    offers and report it with [`Connection::transmitted`];
+/// 2. drain [`Connection::poll_event`];
+/// 3. when [`Connection::wants_read`], read into [`Connection::recv_buf`] and
+///    call [`Connection::recv_commit`] (or hand a copy to
+///    [`Connection::handle_input`]); a read of 0 bytes is
+///    [`Connection::handle_eof`].
+///
+/// After every input and every command, drain all output before waiting on
+/// the socket again. Commands (`opt_*`, `read`, `write`, ...) only queue
+/// work and return at once.
+#[derive(Debug)]
+pub struct Connection {
+    pub(crate) cfg: Config,
+    pub(crate) state: State,
+    pub(crate) auto: AutoStep,
+    pub(crate) rx: RecvBuffer,
+    pub(crate) tx: SendQueue,
+    pub(crate) events: VecDeque<Event>,
+    pub(crate) close_reason: Option<CloseReason>,
+    pub(crate) protocol: Option<Protocol>,
+    pub(crate) server_handshake_flags: u16,
+    pub(crate) client_flags: u32,
+    pub(crate) tls_on: bool,
+    pub(crate) structured: bool,
+    pub(crate) extended: bool,
+    pub(crate) info: Option<ExportInfo>,
+    pub(crate) contexts: Vec<(u32, String)>,
+    pub(crate) contexts_export: Option<String>,
+    pub(crate) xmit: Transmission,
+}
+
+impl Connection {
+    /// Creates a connection that will run the handshake as soon as the
+    /// server's first bytes arrive. Call it once the transport is connected.
+    pub fn new(cfg: Config) -> Self {
+        let xmit = Transmission::new(&cfg.limits);
+        Connection {
+            cfg,
+            state: State::Greeting,
+            auto: AutoStep::StartTls,
+            rx: RecvBuffer::new(RECV_BUFFER_LEN),
+            tx: SendQueue::default(),
+            events: VecDeque::with_capacity(128),
+            close_reason: None,
+            protocol: None,
+            server_handshake_flags: 0,
+            client_flags: 0,
+            tls_on: false,
+            structured: false,
+            extended: false,
+            info: None,
+            contexts: Vec::new(),
+            contexts_export: None,
+            xmit,
+        }
+    }
+
+    // ----- input -----
+
+    /// Hands over bytes the server sent (copying them). Handy for tests and
+    /// fuzzers; adapters avoid the copy with [`Connection::recv_buf`].
+    pub fn handle_input(&mut self, mut data: &[u8]) {
+        while !data.is_empty() && !self.is_finished() {
+            if let Some(dst) = self.xmit.direct_target() {
+                let n = dst.len().min(data.len());
+                dst[..n].copy_from_slice(&data[..n]);
+                self.direct_commit(n);
+                data = &data[n..];
+                continue;
+            }
+            let n = self.rx.fill_from(data);
+            data = &data[n..];
+            self.process();
+            if n == 0 && self.rx.spare().is_empty() {
+                // The state machine cannot make room: never happens with the
+                // limits in place, but never loop forever either.
+                let len = self.rx.len();
+                self.fail(ProtocolError::UnexpectedData(len));
+            }
+        }
+    }
+
+    /// The buffer the adapter should read the next bytes into. Usually free
+    /// space in the core's receive buffer; while a large read payload is
+    /// arriving, the destination buffer of that read itself (so the payload
+    /// lands where the caller wants it with no copy). Follow with
+    /// [`Connection::recv_commit`].
+    pub fn recv_buf(&mut self) -> &mut [u8] {
+        if self.rx.len() == 0 && self.xmit.direct_target().is_some() {
+            return self.xmit.direct_target().unwrap_or_default();
+        }
+        self.rx.spare()
+    }
+
+    /// Reports that `n` bytes were read into [`Connection::recv_buf`].
+    pub fn recv_commit(&mut self, n: usize) {
+        if self.rx.len() == 0 && self.xmit.direct_target().is_some() {
+            self.direct_commit(n);
+        } else {
+            self.rx.commit(n);
+            self.process();
+        }
+    }
+
+    fn direct_commit(&mut self, n: usize) {
+        if let Err(e) = self.xmit.direct_commit(n, &mut self.events) {
+            self.fail(e);
+        }
+        self.process();
+    }
+
+    /// Reports that the server closed its end (a read returned 0).
+    pub fn handle_eof(&mut self) {
+        if self.is_finished() {
+            return;
+        }
+        let reason = self.eof_reason();
+        self.close(reason);
+    }
+
+    /// Reports that the transport failed (an I/O error other than
+    /// would-block); the connection is over.
+    pub fn handle_transport_error(&mut self, message: impl Into<String>) {
+        self.close(CloseReason::Transport(message.into()));
+    }
+
+    // ----- output -----
+
+    /// The next event, if any. Drain until `None` after every input and command.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Fills `out` with the queued bytes to send, in order, for one vectored
+    /// write; returns how many slices were filled. Follow with
+    /// [`Connection::transmitted`].
+    pub fn transmit_slices<'a>(&'a mut self, out: &mut [IoSlice<'a>]) -> usize {
+        self.tx.slices(out)
+    }
+
+    /// The first queued segment to send (for transports without vectored writes).
+    pub fn transmit_front(&mut self) -> &[u8] {
+        self.tx.front()
+    }
+
+    /// Reports that the transport accepted the first `n` queued bytes.
+    pub fn transmitted(&mut self, n: usize) {
+        self.tx.advance(n);
+    }
+
+    /// Moves all queued bytes to `out` (copying). Handy for tests; adapters
+    /// use [`Connection::transmit_slices`].
+    pub fn poll_transmit(&mut self, out: &mut Vec<u8>) {
+        loop {
+            let front = self.tx.front();
+            if front.is_empty() {
+                break;
+            }
+            let n = front.len();
+            out.extend_from_slice(front);
+            self.tx.advance(n);
+        }
+    }
+
+    /// True while bytes are queued for the socket.
+    pub fn wants_write(&self) -> bool {
+        !self.tx.is_empty()
+    }
+
+    /// Number of bytes queued for the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.tx.len()
+    }
+
+    /// True while the core expects bytes from the server (always, until the
+    /// connection ends or while the adapter runs the TLS handshake).
+    pub fn wants_read(&self) -> bool {
+        !self.is_finished() && !matches!(self.state, State::Tls)
+    }
+
+    // ----- getters -----
+
+    /// The connection's public phase.
+    pub fn phase(&self) -> Phase {
+        match (&self.state, &self.close_reason) {
+            (State::Closed, Some(r)) if r.is_clean() => Phase::Closed,
+            (State::Closed, _) => Phase::Dead,
+            (State::Negotiating, _) => Phase::Negotiating,
+            (State::Transmission, _) => Phase::Ready,
+            _ => Phase::Connecting,
+        }
+    }
+
+    /// True once the connection has ended (closed or dead).
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, State::Closed)
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn close_reason(&self) -> Option<&CloseReason> {
+        self.close_reason.as_ref()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The handshake style, once known.
+    pub fn protocol(&self) -> Option<Protocol> {
+        self.protocol
+    }
+
+    /// What GO, INFO, EXPORT_NAME or the oldstyle greeting said about the
+    /// export (after `opt_info`, or once ready).
+    pub fn export_info(&self) -> Option<&ExportInfo> {
+        self.info.as_ref()
+    }
+
+    /// Whether structured replies are in use (also true with extended headers).
+    pub fn structured_replies_negotiated(&self) -> bool {
+        self.structured || self.extended
+    }
+
+    /// Whether extended headers are in use.
+    pub fn extended_headers_negotiated(&self) -> bool {
+        self.extended
+    }
+
+    /// Whether TLS was started on this connection.
+    pub fn tls_negotiated(&self) -> bool {
+        self.tls_on
+    }
+
+    /// The client flags sent in the handshake.
+    pub fn client_flags(&self) -> u32 {
+        self.client_flags
+    }
+
+    /// The handshake flags the server advertised.
+    pub fn server_handshake_flags(&self) -> u16 {
+        self.server_handshake_flags
+    }
+
+    /// Meta contexts selected by the last SET_META_CONTEXT, as (id, name).
+    pub fn meta_contexts(&self) -> &[(u32, String)] {
+        &self.contexts
+    }
+
+    /// Whether the named meta context was negotiated.
+    pub fn can_meta_context(&self, name: &str) -> bool {
+        self.contexts.iter().any(|(_, n)| n == name)
+    }
+
+    /// The context id the server gave to the named meta context.
+    pub fn meta_context_id(&self, name: &str) -> Option<u32> {
+        self.contexts
+            .iter()
+            .find(|(_, n)| n == name)
+            .map(|(i, _)| *i)
+    }
+
+    /// The name of a context id.
+    pub fn meta_context_name(&self, id: u32) -> Option<&str> {
+        self.contexts
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, n)| n.as_str())
+    }
+
+    // ----- shared internals -----
+
+    /// Runs the state machine over the buffered input until it needs more.
+    pub(crate) fn process(&mut self) {
+        loop {
+            if self.is_finished() {
+                return;
+            }
+            let progressed = match self.state {
+                State::Transmission => self.step_transmission(),
+                _ => self.step_negotiation(),
+            };
+            match progressed {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) => {
+                    self.fail(e);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The server broke the protocol: hard disconnect.
+    pub(crate) fn fail(&mut self, e: ProtocolError) {
+        self.close(CloseReason::Protocol(e));
+    }
+
+    /// Ends the connection once: completes every request in flight with an
+    /// error and reports [`Event::Closed`].
+    pub(crate) fn close(&mut self, reason: CloseReason) {
+        if self.is_finished() {
+            return;
+        }
+        self.state = State::Closed;
+        let why = reason.to_string();
+        self.xmit.fail_all(&why, &mut self.events);
+        self.rx.consume(usize::MAX);
+        self.close_reason = Some(reason.clone());
+        self.events.push_back(Event::Closed(reason));
+    }
+}

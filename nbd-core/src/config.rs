@@ -1,0 +1,162 @@
+//! What the client asks for and how much it trusts the server: negotiation
+//! settings, strict-mode switches and memory limits.
+
+use crate::consts::{client_flags, CONTEXT_BASE_ALLOCATION};
+
+/// Whether to use TLS (the TLS itself is done by the adapter when the core
+/// emits [`crate::Event::StartTls`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// Never send `NBD_OPT_STARTTLS` (libnbd's default).
+    #[default]
+    Disable,
+    /// Try TLS; continue in plaintext if the server refuses it.
+    Allow,
+    /// Insist on TLS; end the session if the server cannot do it.
+    Require,
+}
+
+/// Client-side validation switches, like libnbd's `set_strict_mode`. All are
+/// on by default; tests and fuzzers switch them off to reach the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Strict(pub u32);
+
+impl Strict {
+    /// Refuse commands and command flags the server did not advertise, and
+    /// writes to a read-only export.
+    pub const COMMANDS: Strict = Strict(0x01);
+    /// Refuse flags that are not meaningful for the command.
+    pub const FLAGS: Strict = Strict(0x02);
+    /// Refuse requests that reach past the end of the export.
+    pub const BOUNDS: Strict = Strict(0x04);
+    /// Refuse zero-length requests.
+    pub const ZERO_SIZE: Strict = Strict(0x08);
+    /// Refuse offsets and lengths not aligned to the advertised minimum block size.
+    pub const ALIGN: Strict = Strict(0x10);
+    /// Refuse write payloads over the payload maximum.
+    pub const PAYLOAD: Strict = Strict(0x20);
+    /// Set or clear `NBD_CMD_FLAG_PAYLOAD_LEN` automatically.
+    pub const AUTO_FLAG: Strict = Strict(0x40);
+    /// Every check (the default).
+    pub const ALL: Strict = Strict(0x7f);
+    /// No check: send what the caller asked for.
+    pub const NONE: Strict = Strict(0);
+
+    /// True if every switch in `other` is on.
+    pub fn contains(self, other: Strict) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
+impl Default for Strict {
+    fn default() -> Self {
+        Strict::ALL
+    }
+}
+
+impl std::ops::BitOr for Strict {
+    type Output = Strict;
+    fn bitor(self, rhs: Strict) -> Strict {
+        Strict(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::Sub for Strict {
+    type Output = Strict;
+    fn sub(self, rhs: Strict) -> Strict {
+        Strict(self.0 & !rhs.0)
+    }
+}
+
+/// Bounds on what a server can make the client hold in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Most requests in flight at once (nbdcopy uses 64).
+    pub max_in_flight: usize,
+    /// Most payload bytes (reads plus writes) in flight at once.
+    pub max_bytes_in_flight: u64,
+    /// Largest read request (libnbd: 64 MiB).
+    pub max_read: u64,
+    /// Largest write payload when the server gave no maximum (the spec's
+    /// interoperable default is 32 MiB); a server's advertised maximum is
+    /// clamped to at most 64 MiB.
+    pub default_max_write: u64,
+    /// Most meta contexts kept from one LIST/SET_META_CONTEXT.
+    pub max_meta_contexts: usize,
+    /// Most block-status extents kept from one chunk.
+    pub max_extents: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_in_flight: 64,
+            max_bytes_in_flight: 64 << 20,
+            max_read: 64 << 20,
+            default_max_write: 32 << 20,
+            max_meta_contexts: 4096,
+            max_extents: 1 << 20,
+        }
+    }
+}
+
+/// Everything a connection negotiates and enforces; build it before
+/// creating a [`crate::Connection`]. Defaults follow libnbd's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Export to select (empty = the server's default export).
+    pub export_name: String,
+    /// Pause after the automatic options so the caller can drive
+    /// negotiation with `opt_*` calls (libnbd's `set_opt_mode`).
+    pub opt_mode: bool,
+    /// Try `NBD_OPT_STRUCTURED_REPLY`; false also disables extended headers.
+    pub request_structured_replies: bool,
+    /// Try `NBD_OPT_EXTENDED_HEADERS` first.
+    pub request_extended_headers: bool,
+    /// Send `NBD_OPT_SET_META_CONTEXT` automatically before GO/INFO when
+    /// contexts were added.
+    pub request_meta_context: bool,
+    /// Ask for `NBD_INFO_BLOCK_SIZE` in GO/INFO.
+    pub request_block_size: bool,
+    /// Also ask for `NBD_INFO_NAME` and `NBD_INFO_DESCRIPTION`.
+    pub full_info: bool,
+    /// Meta contexts to select (for example `base:allocation`).
+    pub meta_contexts: Vec<String>,
+    /// Client flags offered; only those the server advertised are sent.
+    pub handshake_flags: u32,
+    /// TLS policy.
+    pub tls: TlsMode,
+    /// Strict-mode switches.
+    pub strict: Strict,
+    /// Memory limits.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            export_name: String::new(),
+            opt_mode: false,
+            request_structured_replies: true,
+            request_extended_headers: true,
+            request_meta_context: true,
+            request_block_size: true,
+            full_info: false,
+            meta_contexts: Vec::new(),
+            handshake_flags: client_flags::FIXED_NEWSTYLE | client_flags::NO_ZEROES,
+            tls: TlsMode::Disable,
+            strict: Strict::ALL,
+            limits: Limits::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Convenience: a default configuration that also selects `base:allocation`.
+    pub fn with_base_allocation() -> Self {
+        Config {
+            meta_contexts: vec![CONTEXT_BASE_ALLOCATION.to_owned()],
+            ..Config::default()
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The three kinds of error: the server broke the protocol
+//! ([`ProtocolError`], fatal), the caller asked for something invalid
+//! ([`UsageError`], returned at once), and the server reported a failure
+//! ([`OptionError`], [`CommandError`], data that leaves the connection usable).
+
+use std::fmt;
+
+use crate::consts::{errno, rep};
+use crate::event::OptionKind;
+use crate::wire::WireError;
+
+/// Escapes text from the server for display: control characters and
+/// non-printables become `\xNN` / `\u{..}` escapes, so a hostile message
+/// cannot forge terminal output.
+pub fn escape_server_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The server broke the protocol; the connection is over.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtocolError {
+    /// A message had a malformed layout.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// An option reply echoed another option than the one sent.
+    #[error("option reply is for option {got}, but option {sent} was sent")]
+    WrongOptionEcho {
+        /// Option sent.
+        sent: u32,
+        /// Option echoed by the server.
+        got: u32,
+    },
+    /// A reply type that makes no sense for the option in flight.
+    #[error("unexpected option reply type {reply_type:#x} to {option}")]
+    UnexpectedOptionReply {
+        /// Option in flight.
+        option: OptionKind,
+        /// Reply type received.
+        reply_type: u32,
+    },
+    /// An option reply longer than this client accepts for its type.
+    #[error("option reply of type {reply_type:#x} to {option} has length {len}, limit is {limit}")]
+    OptionReplyTooLong {
+        /// Option in flight.
+        option: OptionKind,
+        /// Reply type.
+        reply_type: u32,
+        /// Length announced.
+        len: u32,
+        /// Limit applied.
+        limit: u32,
+    },
+    /// `NBD_REP_ACK` carried data.
+    #[error("NBD_REP_ACK to {0} carries {1} bytes of data")]
+    AckWithData(OptionKind, u32),
+    /// GO/INFO was acknowledged without `NBD_INFO_EXPORT` before it.
+    #[error("server acknowledged {0} without sending NBD_INFO_EXPORT")]
+    MissingExportInfo(OptionKind),
+    /// Transmission flags without `NBD_FLAG_HAS_FLAGS`.
+    #[error("transmission flags {0:#06x} lack NBD_FLAG_HAS_FLAGS")]
+    BadTransmissionFlags(u16),
+    /// An oldstyle server set handshake flags.
+    #[error("oldstyle server set handshake flags {0:#06x}")]
+    OldstyleHandshakeFlags(u16),
+    /// The export size does not fit in a signed 64-bit offset.
+    #[error("export size {0} exceeds 2^63-1")]
+    ExportTooLarge(u64),
+    /// More meta contexts than the configured limit.
+    #[error("server sent more than {0} meta contexts")]
+    TooManyMetaContexts(usize),
+    /// A second acknowledgement of STARTTLS once TLS is running.
+    #[error("server acknowledged STARTTLS although TLS is already running")]
+    StartTlsTwice,
+    /// A reply named a cookie that is not in flight.
+    #[error("reply for unknown cookie {0:#x}")]
+    UnknownCookie(u64),
+    /// A reply's contents contradict its request (see the message).
+    #[error("reply to {command} (cookie {cookie:#x}): {what}")]
+    BadReply {
+        /// Command name.
+        command: &'static str,
+        /// Cookie of the request.
+        cookie: u64,
+        /// What was wrong.
+        what: String,
+    },
+    /// The server sent data when the client expected none.
+    #[error("server sent {0} unexpected bytes")]
+    UnexpectedData(usize),
+}
+
+/// Option-phase error reply type (`NBD_REP_ERR_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RepError {
+    /// `NBD_REP_ERR_UNSUP`.
+    Unsup,
+    /// `NBD_REP_ERR_POLICY`.
+    Policy,
+    /// `NBD_REP_ERR_INVALID`.
+    Invalid,
+    /// `NBD_REP_ERR_PLATFORM`.
+    Platform,
+    /// `NBD_REP_ERR_TLS_REQD`.
+    TlsReqd,
+    /// `NBD_REP_ERR_UNKNOWN`.
+    Unknown,
+    /// `NBD_REP_ERR_SHUTDOWN`.
+    Shutdown,
+    /// `NBD_REP_ERR_BLOCK_SIZE_REQD`.
+    BlockSizeReqd,
+    /// `NBD_REP_ERR_TOO_BIG`.
+    TooBig,
+    /// `NBD_REP_ERR_EXT_HEADER_REQD`.
+    ExtHeaderReqd,
+    /// An error type this client does not know (bit 31 set).
+    Other(u32),
+}
+
+impl RepError {
+    /// Decodes an error reply type (bit 31 set).
+    pub fn from_wire(t: u32) -> RepError {
+        match t {
+            rep::ERR_UNSUP => RepError::Unsup,
+            rep::ERR_POLICY => RepError::Policy,
+            rep::ERR_INVALID => RepError::Invalid,
+            rep::ERR_PLATFORM => RepError::Platform,
+            rep::ERR_TLS_REQD => RepError::TlsReqd,
+            rep::ERR_UNKNOWN => RepError::Unknown,
+            rep::ERR_SHUTDOWN => RepError::Shutdown,
+            rep::ERR_BLOCK_SIZE_REQD => RepError::BlockSizeReqd,
+            rep::ERR_TOO_BIG => RepError::TooBig,
+            rep::ERR_EXT_HEADER_REQD => RepError::ExtHeaderReqd,
+            other => RepError::Other(other),
+        }
+    }
+
+    /// The spec's name of this error.
+    pub fn name(self) -> String {
+        match self {
+            RepError::Unsup => "NBD_REP_ERR_UNSUP".into(),
+            RepError::Policy => "NBD_REP_ERR_POLICY".into(),
+            RepError::Invalid => "NBD_REP_ERR_INVALID".into(),
+            RepError::Platform => "NBD_REP_ERR_PLATFORM".into(),
+            RepError::TlsReqd => "NBD_REP_ERR_TLS_REQD".into(),
+            RepError::Unknown => "NBD_REP_ERR_UNKNOWN".into(),
+            RepError::Shutdown => "NBD_REP_ERR_SHUTDOWN".into(),
+            RepError::BlockSizeReqd => "NBD_REP_ERR_BLOCK_SIZE_REQD".into(),
+            RepError::TooBig => "NBD_REP_ERR_TOO_BIG".into(),
+            RepError::ExtHeaderReqd => "NBD_REP_ERR_EXT_HEADER_REQD".into(),
+            RepError::Other(t) => format!("unknown option error {t:#010x}"),
+        }
+    }
+
+    /// The errno libnbd reports for this error, if any.
+    pub fn errno(self) -> Option<i32> {
+        match self {
+            RepError::Unsup | RepError::TlsReqd => Some(95), // ENOTSUP
+            RepError::Invalid | RepError::TooBig | RepError::BlockSizeReqd => Some(22),
+            RepError::Unknown => Some(2),    // ENOENT
+            RepError::Shutdown => Some(108), // ESHUTDOWN
+            _ => None,
+        }
+    }
+
+    /// The closest `std::io::ErrorKind`.
+    pub fn io_kind(self) -> std::io::ErrorKind {
+        use std::io::ErrorKind as K;
+        match self {
+            RepError::Unsup | RepError::TlsReqd | RepError::Platform | RepError::ExtHeaderReqd => {
+                K::Unsupported
+            }
+            RepError::Policy => K::PermissionDenied,
+            RepError::Invalid | RepError::TooBig | RepError::BlockSizeReqd => K::InvalidInput,
+            RepError::Unknown => K::NotFound,
+            RepError::Shutdown => K::ConnectionAborted,
+            RepError::Other(_) => K::Other,
+        }
+    }
+}
+
+/// The server refused an option: its error type and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OptionError {
+    /// Error type.
+    pub reply: RepError,
+    /// The server's message, unescaped (may be empty).
+    pub message: String,
+}
+
+impl fmt::Display for OptionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "server replied {}", self.reply.name())?;
+        if !self.message.is_empty() {
+            write!(f, ": {}", escape_server_text(&self.message))?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for OptionError {}
+
+/// An NBD error value from a simple reply or an error chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NbdErrno(pub u32);
+
+impl NbdErrno {
+    /// The POSIX errno this value stands for (unknown values mean EINVAL, rule 103).
+    pub fn errno(self) -> i32 {
+        match self.0 {
+            errno::EPERM => 1,
+            errno::EIO => 5,
+            errno::ENOMEM => 12,
+            errno::EINVAL => 22,
+            errno::ENOSPC => 28,
+            errno::EOVERFLOW => 75,
+            errno::ENOTSUP => 95,
+            errno::ESHUTDOWN => 108,
+            _ => 22,
+        }
+    }
+
+    /// The spec's name of the value.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            errno::EPERM => "EPERM",
+            errno::EIO => "EIO",
+            errno::ENOMEM => "ENOMEM",
+            errno::EINVAL => "EINVAL",
+            errno::ENOSPC => "ENOSPC",
+            errno::EOVERFLOW => "EOVERFLOW",
+            errno::ENOTSUP => "ENOTSUP",
+            errno::ESHUTDOWN => "ESHUTDOWN",
+            _ => "EINVAL (unknown error value)",
+        }
+    }
+
+    /// The closest `std::io::ErrorKind`.
+    pub fn io_kind(self) -> std::io::ErrorKind {
+        use std::io::ErrorKind as K;
+        match self.0 {
+            errno::EPERM => K::PermissionDenied,
+            errno::EIO => K::Other,
+            errno::ENOMEM => K::OutOfMemory,
+            errno::ENOSPC => K::StorageFull,
+            errno::EOVERFLOW => K::InvalidInput,
+            errno::ENOTSUP => K::Unsupported,
+            errno::ESHUTDOWN => K::ConnectionAborted,
+            _ => K::InvalidInput,
+        }
+    }
+}
+
+/// Why a command failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The server reported an error for this request.
+    #[error("server error {}{}{}", .errno.name(),
+        .offset.map(|o| format!(" at offset {o}")).unwrap_or_default(),
+        .message.as_deref().map(|m| format!(": {}", escape_server_text(m))).unwrap_or_default())]
+    Server {
+        /// The NBD error value.
+        errno: NbdErrno,
+        /// The server's message, if it sent one.
+        message: Option<String>,
+        /// The offset of the failure (ERROR_OFFSET chunks).
+        offset: Option<u64>,
+    },
+    /// The connection ended before the reply arrived.
+    #[error("connection closed before the reply arrived: {0}")]
+    ConnectionClosed(String),
+}
+
+impl CommandError {
+    /// The closest `std::io::ErrorKind`.
+    pub fn io_kind(&self) -> std::io::ErrorKind {
+        match self {
+            CommandError::Server { errno, .. } => errno.io_kind(),
+            CommandError::ConnectionClosed(_) => std::io::ErrorKind::NotConnected,
+        }
+    }
+
+    /// The POSIX errno libnbd would report.
+    pub fn errno(&self) -> i32 {
+        match self {
+            CommandError::Server { errno, .. } => errno.errno(),
+            CommandError::ConnectionClosed(_) => 107, // ENOTCONN
+        }
+    }
+}
+
+/// The caller asked for something the connection cannot do now; nothing was sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UsageError {
+    /// The call is not allowed in the connection's current phase.
+    #[error("invalid state: {call} needs the connection to be {needed}, but it is {actual}")]
+    WrongPhase {
+        /// The call.
+        call: &'static str,
+        /// What it needs.
+        needed: &'static str,
+        /// The current phase.
+        actual: &'static str,
+    },
+    /// The server cannot do this (for example LIST on a non-fixed newstyle server).
+    #[error("{0}")]
+    Unsupported(String),
+    /// A string argument longer than 4096 bytes, or containing NUL (rule 1).
+    #[error("{what} is too long or contains NUL ({len} bytes)")]
+    BadString {
+        /// Which argument.
+        what: &'static str,
+        /// Its length.
+        len: usize,
+    },
+    /// A meta context query without a `namespace:` prefix (rule 40).
+    #[error("meta context query {0:?} does not start with 'namespace:'")]
+    BadQuery(String),
+    /// The server did not advertise this command or flag (strict mode).
+    #[error("server does not support {0}")]
+    NotAdvertised(&'static str),
+    /// Writes to a read-only export (strict mode).
+    #[error("server does not support write operations (export is read-only)")]
+    ReadOnly,
+    /// A flag that does not belong to this command (strict mode).
+    #[error("invalid flags {flags:#x} for {command}")]
+    BadFlags {
+        /// The command.
+        command: &'static str,
+        /// The flags given.
+        flags: u16,
+    },
+    /// Past the end of the export (strict mode).
+    #[error("request out of bounds: offset {offset} + length {length} > export size {size}")]
+    OutOfBounds {
+        /// Offset asked.
+        offset: u64,
+        /// Length asked.
+        length: u64,
+        /// Export size.
+        size: u64,
+    },
+    /// Zero-length request (strict mode).
+    #[error("zero-length request")]
+    ZeroLength,
+    /// Not aligned to the minimum block size (strict mode).
+    #[error("request is not aligned to the server's minimum block size {0}")]
+    Misaligned(u32),
+    /// Longer than this client or the server accepts.
+    #[error("request length {length} exceeds the maximum {max}")]
+    TooLarge {
+        /// Length asked.
+        length: u64,
+        /// Limit.
+        max: u64,
+    },
+    /// Submitting now would pass the in-flight limits; wait for a completion.
+    #[error("too many requests in flight ({requests} requests, {bytes} bytes)")]
+    InFlightLimit {
+        /// Requests in flight.
+        requests: usize,
+        /// Payload bytes in flight.
+        bytes: u64,
+    },
+    /// A read buffer's length does not match the requested length.
+    #[error("read buffer holds {0} bytes; size it to the read length first")]
+    BufferLength(usize),
+    /// The meta context is not negotiated.
+    #[error("meta context {0:?} was not negotiated")]
+    UnknownContext(String),
+}

@@ -1,0 +1,1252 @@
+//! The transmission phase: issuing commands (with libnbd's strict-mode
+//! checks and this crate's memory limits), the table of requests in flight
+//! keyed by cookie, and the reply parser that assembles simple replies,
+//! structured chunks and extended chunks, checking every rule of spec §3.8–3.10
+//! and applying the fatal/per-request table of §3.14.
+
+use std::collections::VecDeque;
+
+use bytes::{Bytes, BytesMut};
+
+use crate::client::Connection;
+use crate::config::{Config, Limits, Strict};
+use crate::consts::{chunk, cmd, cmd_flags as cf, errno, reply_flags, transmission_flags as tf};
+use crate::error::{CommandError, NbdErrno, ProtocolError, UsageError};
+use crate::event::{Cookie, Event, ExportInfo, Extent, ReadChunkKind};
+use crate::negotiate::State;
+use crate::wire::reply::{self as wrep, HeaderMode, ReplyHeader};
+use crate::wire::request::{encode_block_status_filter, encode_request_array, RequestHeader};
+use crate::wire::WireError;
+
+/// Largest buffered (non-data) chunk payload: error chunks with a maximal
+/// message, holes and NONE. Block status is parsed as it streams in.
+const MAX_BUFFERED_CHUNK: u64 = 64 * 1024;
+/// Payload sizes up to this are never treated as hostile (spec §3.11).
+const MIN_DOS_THRESHOLD: u64 = 32 << 20;
+
+/// The spec's name of a command, for messages.
+pub fn command_name(c: u16) -> &'static str {
+    match c {
+        cmd::READ => "NBD_CMD_READ",
+        cmd::WRITE => "NBD_CMD_WRITE",
+        cmd::DISC => "NBD_CMD_DISC",
+        cmd::FLUSH => "NBD_CMD_FLUSH",
+        cmd::TRIM => "NBD_CMD_TRIM",
+        cmd::CACHE => "NBD_CMD_CACHE",
+        cmd::WRITE_ZEROES => "NBD_CMD_WRITE_ZEROES",
+        cmd::BLOCK_STATUS => "NBD_CMD_BLOCK_STATUS",
+        cmd::RESIZE => "NBD_CMD_RESIZE",
+        _ => "unknown command",
+    }
+}
+
+/// One request in flight.
+#[derive(Debug, Default)]
+struct Request {
+    cmd: u16,
+    flags: u16,
+    offset: u64,
+    length: u64,
+    /// Read destination.
+    buf: Option<BytesMut>,
+    chunk_events: bool,
+    /// First error reported by the server (first one wins).
+    error: Option<CommandError>,
+    /// Content bytes received (reads).
+    covered: u64,
+    content_chunks: u32,
+    /// Ranges of content received, kept only while chunks arrive out of order.
+    ranges: Vec<(u64, u64)>,
+    /// Contexts answered (block status).
+    contexts_seen: Vec<u32>,
+    /// Payload bytes charged against the in-flight byte limit.
+    charged: u64,
+}
+
+/// A slot of the in-flight table; its vectors keep their capacity across
+/// requests so steady-state traffic does not allocate.
+#[derive(Debug, Default)]
+struct Slot {
+    generation: u32,
+    busy: bool,
+    req: Request,
+}
+
+/// How far the current reply has been read.
+#[derive(Debug, Clone, Copy)]
+enum Rx {
+    /// Waiting for a reply header.
+    Header,
+    /// Simple reply data, or OFFSET_DATA data, going to the read buffer
+    /// at `pos..end` (offsets within the buffer).
+    Data {
+        slot: u32,
+        pos: usize,
+        end: usize,
+        done: bool,
+    },
+    /// OFFSET_DATA: waiting for the 8-byte offset.
+    DataPrefix { slot: u32, length: u64, flags: u16 },
+    /// A small chunk payload to buffer whole.
+    Buffered {
+        slot: u32,
+        typ: u16,
+        flags: u16,
+        length: usize,
+    },
+    /// Block status: header (context id, and count in extended mode).
+    StatusHeader {
+        slot: u32,
+        typ: u16,
+        flags: u16,
+        length: u64,
+    },
+    /// Block status descriptors streaming in.
+    StatusBody {
+        slot: u32,
+        flags: u16,
+        context: u32,
+        remaining: u64,
+        wide: bool,
+    },
+}
+
+/// Transmission-phase state.
+#[derive(Debug)]
+pub(crate) struct Transmission {
+    mode: HeaderMode,
+    strict: Strict,
+    limits: Limits,
+    size: u64,
+    flags: u16,
+    minimum: u32,
+    payload_max: u64,
+    dos_limit: u64,
+    contexts: Vec<u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    in_flight: usize,
+    bytes_in_flight: u64,
+    rx: Rx,
+    disc_sent: bool,
+    disc_wanted: bool,
+    extents: Vec<Extent>,
+}
+
+impl Transmission {
+    pub(crate) fn new(limits: &Limits) -> Self {
+        Transmission {
+            mode: HeaderMode::Simple,
+            strict: Strict::ALL,
+            limits: limits.clone(),
+            size: 0,
+            flags: 0,
+            minimum: 1,
+            payload_max: limits.default_max_write,
+            dos_limit: MIN_DOS_THRESHOLD,
+            contexts: Vec::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            in_flight: 0,
+            bytes_in_flight: 0,
+            rx: Rx::Header,
+            disc_sent: false,
+            disc_wanted: false,
+            extents: Vec::new(),
+        }
+    }
+
+    /// Sets up the phase from what negotiation agreed.
+    pub(crate) fn start(
+        &mut self,
+        info: &ExportInfo,
+        structured: bool,
+        extended: bool,
+        contexts: &[(u32, String)],
+        cfg: &Config,
+    ) {
+        self.mode = if extended {
+            HeaderMode::Extended
+        } else if structured {
+            HeaderMode::Structured
+        } else {
+            HeaderMode::Simple
+        };
+        self.strict = cfg.strict;
+        self.limits = cfg.limits.clone();
+        self.size = info.size;
+        self.flags = info.flags;
+        self.minimum = info.block_size.map(|b| b.minimum).unwrap_or(1).max(1);
+        self.payload_max = match info.block_size {
+            Some(b) => u64::from(b.maximum).min(64 << 20),
+            None => cfg.limits.default_max_write,
+        };
+        self.dos_limit = self
+            .payload_max
+            .max(self.limits.max_read)
+            .max(MIN_DOS_THRESHOLD);
+        self.contexts = contexts.iter().map(|(id, _)| *id).collect();
+        let n = cfg.limits.max_in_flight.clamp(1, 1 << 20);
+        self.slots = (0..n).map(|_| Slot::default()).collect();
+        self.free = (0..n as u32).rev().collect();
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    pub(crate) fn disconnect_sent(&self) -> bool {
+        self.disc_sent
+    }
+
+    /// Describes what was outstanding, for the "server killed the connection" message.
+    pub(crate) fn eof_context(&self) -> String {
+        match self.rx {
+            Rx::Header if self.in_flight == 0 => "idle in the transmission phase".to_owned(),
+            Rx::Header => format!("{} requests were in flight", self.in_flight),
+            _ => format!(
+                "in the middle of a reply ({} requests in flight)",
+                self.in_flight
+            ),
+        }
+    }
+
+    /// Where payload bytes may be read directly (a read's own buffer).
+    pub(crate) fn direct_target(&mut self) -> Option<&mut [u8]> {
+        if let Rx::Data { slot, pos, end, .. } = self.rx {
+            let buf = self.slots.get_mut(slot as usize)?.req.buf.as_mut()?;
+            return buf.get_mut(pos..end);
+        }
+        None
+    }
+
+    /// `n` bytes were written into [`Transmission::direct_target`].
+    pub(crate) fn direct_commit(
+        &mut self,
+        n: usize,
+        events: &mut VecDeque<Event>,
+    ) -> Result<(), ProtocolError> {
+        if let Rx::Data {
+            slot,
+            pos,
+            end,
+            done,
+        } = self.rx
+        {
+            let pos = (pos + n).min(end);
+            self.rx = Rx::Data {
+                slot,
+                pos,
+                end,
+                done,
+            };
+            if pos == end {
+                self.rx = Rx::Header;
+                if done {
+                    self.finish(slot, events)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes every request in flight with an error (connection over).
+    pub(crate) fn fail_all(&mut self, why: &str, events: &mut VecDeque<Event>) {
+        for i in 0..self.slots.len() {
+            if self.slots[i].busy {
+                let err = CommandError::ConnectionClosed(why.to_owned());
+                self.complete(i as u32, Err(err), events);
+            }
+        }
+        self.rx = Rx::Header;
+    }
+
+    fn cookie(&self, slot: u32) -> Cookie {
+        let g = self
+            .slots
+            .get(slot as usize)
+            .map(|s| s.generation)
+            .unwrap_or(0);
+        Cookie(u64::from(g) << 32 | u64::from(slot))
+    }
+
+    fn lookup(&self, cookie: u64) -> Result<u32, ProtocolError> {
+        let slot = (cookie & 0xffff_ffff) as u32;
+        let generation = (cookie >> 32) as u32;
+        match self.slots.get(slot as usize) {
+            Some(s) if s.busy && s.generation == generation => Ok(slot),
+            _ => Err(ProtocolError::UnknownCookie(cookie)),
+        }
+    }
+
+    fn req(&mut self, slot: u32) -> &mut Request {
+        &mut self.slots[slot as usize].req
+    }
+
+    fn complete(
+        &mut self,
+        slot: u32,
+        result: Result<(), CommandError>,
+        events: &mut VecDeque<Event>,
+    ) {
+        let cookie = self.cookie(slot);
+        let s = &mut self.slots[slot as usize];
+        s.busy = false;
+        let buffer = s.req.buf.take();
+        self.bytes_in_flight = self.bytes_in_flight.saturating_sub(s.req.charged);
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.free.push(slot);
+        events.push_back(Event::CommandDone {
+            cookie,
+            result,
+            buffer,
+        });
+    }
+
+    /// The request's last chunk arrived: check coverage and complete it.
+    fn finish(&mut self, slot: u32, events: &mut VecDeque<Event>) -> Result<(), ProtocolError> {
+        let r = self.req(slot);
+        let (cmd_, covered, length) = (r.cmd, r.covered, r.length);
+        let result = match r.error.take() {
+            Some(e) => Err(e),
+            None => {
+                if cmd_ == cmd::READ && covered != length {
+                    return Err(self.bad(
+                        slot,
+                        format!("reply is complete but covers only {covered} of {length} bytes"),
+                    ));
+                }
+                Ok(())
+            }
+        };
+        if result.as_ref().err().is_some_and(|e| {
+            matches!(
+                e,
+                CommandError::Server {
+                    errno: NbdErrno(errno::ESHUTDOWN),
+                    ..
+                }
+            )
+        }) {
+            // Rule 104: the server is shutting down; soft-disconnect.
+            self.disc_wanted = true;
+        }
+        self.complete(slot, result, events);
+        Ok(())
+    }
+
+    fn bad(&self, slot: u32, what: String) -> ProtocolError {
+        let r = &self.slots[slot as usize].req;
+        ProtocolError::BadReply {
+            command: command_name(r.cmd),
+            cookie: self.cookie(slot).0,
+            what,
+        }
+    }
+
+    fn set_error(&mut self, slot: u32, e: CommandError) {
+        let r = self.req(slot);
+        if r.error.is_none() {
+            r.error = Some(e);
+        }
+    }
+
+    /// Records a content chunk `[off, off+len)` of a read: inside the request,
+    /// not overlapping earlier chunks (rules 99, 105), at most one with DF.
+    fn add_content(&mut self, slot: u32, off: u64, len: u64) -> Result<usize, ProtocolError> {
+        let r = &self.slots[slot as usize].req;
+        let end = off.checked_add(len);
+        let req_end = r.offset + r.length;
+        if off < r.offset || end.is_none_or(|e| e > req_end) {
+            return Err(self.bad(
+                slot,
+                format!(
+                    "chunk at offset {off} length {len} lies outside the request ({}+{})",
+                    r.offset, r.length
+                ),
+            ));
+        }
+        if r.flags & cf::DF != 0 && r.content_chunks >= 1 {
+            return Err(self.bad(slot, "more than one content chunk with DF".into()));
+        }
+        let end = off + len;
+        let r = self.req(slot);
+        let overlaps = r.ranges.iter().any(|&(a, b)| off < b && a < end);
+        if overlaps {
+            return Err(self.bad(
+                slot,
+                format!("chunk at offset {off} overlaps an earlier chunk"),
+            ));
+        }
+        r.ranges.push((off, end));
+        r.covered += len;
+        r.content_chunks += 1;
+        Ok((off - r.offset) as usize)
+    }
+
+    fn want_disc(&self) -> bool {
+        self.disc_wanted && !self.disc_sent && self.in_flight == 0
+    }
+}
+
+impl Connection {
+    // ----- commands -----
+
+    fn need_ready(&self, call: &'static str) -> Result<(), UsageError> {
+        if !matches!(self.state, State::Transmission) {
+            return Err(UsageError::WrongPhase {
+                call,
+                needed: "ready (transmission phase)",
+                actual: self.phase().name(),
+            });
+        }
+        if self.xmit.disc_sent {
+            return Err(UsageError::WrongPhase {
+                call,
+                needed: "ready (transmission phase)",
+                actual: "disconnecting (NBD_CMD_DISC was sent)",
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks a command against strict mode and the limits; returns the
+    /// flags to send.
+    fn check_command(
+        &self,
+        c: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+    ) -> Result<u16, UsageError> {
+        let x = &self.xmit;
+        let s = x.strict;
+        let name = command_name(c);
+        let allowed = match c {
+            cmd::READ => cf::DF,
+            cmd::WRITE => cf::FUA | cf::PAYLOAD_LEN,
+            cmd::FLUSH | cmd::CACHE => 0,
+            cmd::TRIM => cf::FUA,
+            cmd::WRITE_ZEROES => cf::FUA | cf::NO_HOLE | cf::FAST_ZERO,
+            cmd::BLOCK_STATUS => cf::REQ_ONE | cf::PAYLOAD_LEN,
+            _ => 0,
+        };
+        if s.contains(Strict::FLAGS) && flags & !allowed != 0 {
+            return Err(UsageError::BadFlags {
+                command: name,
+                flags,
+            });
+        }
+        if s.contains(Strict::COMMANDS) {
+            let has = |f: u16| x.flags & f != 0;
+            if matches!(c, cmd::WRITE | cmd::TRIM | cmd::WRITE_ZEROES) && has(tf::READ_ONLY) {
+                return Err(UsageError::ReadOnly);
+            }
+            let need = |ok: bool, what: &'static str| {
+                if ok {
+                    Ok(())
+                } else {
+                    Err(UsageError::NotAdvertised(what))
+                }
+            };
+            match c {
+                cmd::FLUSH => need(has(tf::SEND_FLUSH), "flush")?,
+                cmd::TRIM => need(has(tf::SEND_TRIM), "trim")?,
+                cmd::WRITE_ZEROES => need(has(tf::SEND_WRITE_ZEROES), "write zeroes")?,
+                cmd::CACHE => need(has(tf::SEND_CACHE), "cache")?,
+                cmd::BLOCK_STATUS => {
+                    need(
+                        x.mode != HeaderMode::Simple,
+                        "block status without structured replies",
+                    )?;
+                    need(
+                        !x.contexts.is_empty(),
+                        "block status: no meta context was negotiated",
+                    )?;
+                }
+                _ => {}
+            }
+            if flags & cf::FUA != 0 {
+                need(has(tf::SEND_FUA), "the FUA flag")?;
+            }
+            if flags & cf::DF != 0 {
+                need(has(tf::SEND_DF), "the DF flag")?;
+            }
+            if flags & cf::FAST_ZERO != 0 {
+                need(has(tf::SEND_FAST_ZERO), "the FAST_ZERO flag")?;
+            }
+        }
+        let ranged = !matches!(c, cmd::FLUSH | cmd::DISC);
+        if ranged {
+            if s.contains(Strict::ZERO_SIZE) && length == 0 {
+                return Err(UsageError::ZeroLength);
+            }
+            if s.contains(Strict::BOUNDS) && offset.checked_add(length).is_none_or(|e| e > x.size) {
+                return Err(UsageError::OutOfBounds {
+                    offset,
+                    length,
+                    size: x.size,
+                });
+            }
+            if s.contains(Strict::ALIGN)
+                && (offset % u64::from(x.minimum) != 0 || length % u64::from(x.minimum) != 0)
+            {
+                return Err(UsageError::Misaligned(x.minimum));
+            }
+        }
+        // Always enforced, whatever strict mode says.
+        if c == cmd::READ && length > x.limits.max_read {
+            return Err(UsageError::TooLarge {
+                length,
+                max: x.limits.max_read,
+            });
+        }
+        let payload_checked = c == cmd::WRITE || (c == cmd::READ && x.mode == HeaderMode::Simple);
+        if s.contains(Strict::PAYLOAD) && payload_checked && length > x.payload_max {
+            return Err(UsageError::TooLarge {
+                length,
+                max: x.payload_max,
+            });
+        }
+        if x.mode != HeaderMode::Extended && length > u64::from(u32::MAX) {
+            return Err(UsageError::TooLarge {
+                length,
+                max: u64::from(u32::MAX),
+            });
+        }
+        let mut flags = flags;
+        if s.contains(Strict::AUTO_FLAG) && c == cmd::WRITE {
+            if x.mode == HeaderMode::Extended {
+                flags |= cf::PAYLOAD_LEN;
+            } else {
+                flags &= !cf::PAYLOAD_LEN;
+            }
+        }
+        Ok(flags)
+    }
+
+    fn check_limits(&self, bytes: u64) -> Result<u32, UsageError> {
+        let x = &self.xmit;
+        let over_bytes =
+            x.in_flight > 0 && x.bytes_in_flight + bytes > x.limits.max_bytes_in_flight;
+        match x.free.last() {
+            Some(&slot) if !over_bytes => Ok(slot),
+            _ => Err(UsageError::InFlightLimit {
+                requests: x.in_flight,
+                bytes: x.bytes_in_flight,
+            }),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn issue(
+        &mut self,
+        c: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        buf: Option<BytesMut>,
+        payload: Option<Bytes>,
+        chunk_events: bool,
+    ) -> Result<Cookie, UsageError> {
+        let charged = if matches!(c, cmd::READ | cmd::WRITE) {
+            length
+        } else {
+            0
+        };
+        let slot = self.check_limits(charged)?;
+        let x = &mut self.xmit;
+        x.free.pop();
+        let s = &mut x.slots[slot as usize];
+        s.generation = s.generation.wrapping_add(1).max(1);
+        s.busy = true;
+        let r = &mut s.req;
+        r.cmd = c;
+        r.flags = flags;
+        r.offset = offset;
+        r.length = length;
+        r.buf = buf;
+        r.chunk_events = chunk_events;
+        r.error = None;
+        r.covered = 0;
+        r.content_chunks = 0;
+        r.ranges.clear();
+        r.contexts_seen.clear();
+        r.charged = charged;
+        x.in_flight += 1;
+        x.bytes_in_flight += charged;
+        let cookie = x.cookie(slot);
+        let extended = x.mode == HeaderMode::Extended;
+        let wire_len = match &payload {
+            // Extended mode: the header length of a payload-carrying command
+            // is the payload length (rule 48).
+            Some(p) if flags & cf::PAYLOAD_LEN != 0 || !extended => p.len() as u64,
+            _ => length,
+        };
+        let h = RequestHeader {
+            flags,
+            typ: c,
+            cookie: cookie.0,
+            offset,
+            length: wire_len,
+        };
+        match encode_request_array(&h, extended) {
+            Ok((bytes, n)) => self.tx.push_header(&bytes[..n]),
+            Err(_) => {
+                // Lengths were checked above; keep the table consistent anyway.
+                let mut ev = VecDeque::new();
+                self.xmit.complete(slot, Ok(()), &mut ev);
+                return Err(UsageError::TooLarge {
+                    length,
+                    max: u64::from(u32::MAX),
+                });
+            }
+        }
+        if let Some(p) = payload {
+            self.tx.push_payload(p);
+        }
+        Ok(cookie)
+    }
+
+    /// Queues `NBD_CMD_READ` of `buf.len()` bytes at `offset` into `buf`
+    /// (flags: `DF`). The buffer comes back in [`Event::CommandDone`], filled;
+    /// payload bytes land in it straight from the socket where possible.
+    pub fn read(&mut self, offset: u64, buf: BytesMut, flags: u16) -> Result<Cookie, UsageError> {
+        self.read_inner(offset, buf, flags, false)
+    }
+
+    /// Like [`Connection::read`], and also reports each structured chunk as
+    /// an [`Event::ReadChunk`] (libnbd's `pread_structured`).
+    pub fn read_with_chunks(
+        &mut self,
+        offset: u64,
+        buf: BytesMut,
+        flags: u16,
+    ) -> Result<Cookie, UsageError> {
+        self.read_inner(offset, buf, flags, true)
+    }
+
+    fn read_inner(
+        &mut self,
+        offset: u64,
+        buf: BytesMut,
+        flags: u16,
+        chunks: bool,
+    ) -> Result<Cookie, UsageError> {
+        self.need_ready("read")?;
+        let len = buf.len() as u64;
+        let flags = self.check_command(cmd::READ, flags, offset, len)?;
+        self.issue(cmd::READ, flags, offset, len, Some(buf), None, chunks)
+    }
+
+    /// Queues `NBD_CMD_WRITE` of `data` at `offset` (flags: `FUA`; with
+    /// extended headers `PAYLOAD_LEN` is set automatically). The payload is
+    /// sent from `data` itself, without a copy.
+    pub fn write(&mut self, offset: u64, data: Bytes, flags: u16) -> Result<Cookie, UsageError> {
+        self.need_ready("write")?;
+        let len = data.len() as u64;
+        let flags = self.check_command(cmd::WRITE, flags, offset, len)?;
+        self.issue(cmd::WRITE, flags, offset, len, None, Some(data), false)
+    }
+
+    /// Queues `NBD_CMD_FLUSH`.
+    pub fn flush(&mut self, flags: u16) -> Result<Cookie, UsageError> {
+        self.need_ready("flush")?;
+        let flags = self.check_command(cmd::FLUSH, flags, 0, 0)?;
+        self.issue(cmd::FLUSH, flags, 0, 0, None, None, false)
+    }
+
+    /// Queues `NBD_CMD_TRIM` of `length` bytes at `offset` (flags: `FUA`).
+    pub fn trim(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie, UsageError> {
+        self.need_ready("trim")?;
+        let flags = self.check_command(cmd::TRIM, flags, offset, length)?;
+        self.issue(cmd::TRIM, flags, offset, length, None, None, false)
+    }
+
+    /// Queues `NBD_CMD_CACHE` (a prefetch hint).
+    pub fn cache(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie, UsageError> {
+        self.need_ready("cache")?;
+        let flags = self.check_command(cmd::CACHE, flags, offset, length)?;
+        self.issue(cmd::CACHE, flags, offset, length, None, None, false)
+    }
+
+    /// Queues `NBD_CMD_WRITE_ZEROES` (libnbd's `zero`; flags: `FUA`,
+    /// `NO_HOLE`, `FAST_ZERO`).
+    pub fn write_zeroes(
+        &mut self,
+        offset: u64,
+        length: u64,
+        flags: u16,
+    ) -> Result<Cookie, UsageError> {
+        self.need_ready("zero")?;
+        let flags = self.check_command(cmd::WRITE_ZEROES, flags, offset, length)?;
+        self.issue(cmd::WRITE_ZEROES, flags, offset, length, None, None, false)
+    }
+
+    /// Queues `NBD_CMD_BLOCK_STATUS` for every negotiated context (flags:
+    /// `REQ_ONE`). Each context's answer is an [`Event::BlockStatus`].
+    pub fn block_status(
+        &mut self,
+        offset: u64,
+        length: u64,
+        flags: u16,
+    ) -> Result<Cookie, UsageError> {
+        self.need_ready("block_status")?;
+        let flags = self.check_command(cmd::BLOCK_STATUS, flags, offset, length)?;
+        self.issue(cmd::BLOCK_STATUS, flags, offset, length, None, None, false)
+    }
+
+    /// Queues `NBD_CMD_BLOCK_STATUS` limited to the given context ids (needs
+    /// extended headers and `NBD_FLAG_BLOCK_STATUS_PAYLOAD`).
+    pub fn block_status_filter(
+        &mut self,
+        offset: u64,
+        length: u64,
+        ids: &[u32],
+        flags: u16,
+    ) -> Result<Cookie, UsageError> {
+        self.need_ready("block_status_filter")?;
+        let flags =
+            self.check_command(cmd::BLOCK_STATUS, flags | cf::PAYLOAD_LEN, offset, length)?;
+        if self.xmit.strict.contains(Strict::COMMANDS) {
+            if self.xmit.flags & tf::BLOCK_STATUS_PAYLOAD == 0 {
+                return Err(UsageError::NotAdvertised("block status payload (filter)"));
+            }
+            if ids.is_empty() {
+                return Err(UsageError::UnknownContext(String::new()));
+            }
+            if let Some(id) = ids.iter().find(|id| !self.xmit.contexts.contains(id)) {
+                return Err(UsageError::UnknownContext(format!("id {id}")));
+            }
+        }
+        let mut p = BytesMut::with_capacity(8 + 4 * ids.len());
+        encode_block_status_filter(length, ids, &mut p);
+        self.issue(
+            cmd::BLOCK_STATUS,
+            flags,
+            offset,
+            length,
+            None,
+            Some(p.freeze()),
+            false,
+        )
+    }
+
+    /// Queues `NBD_CMD_DISC` (soft disconnect). Requests already in flight
+    /// still complete; the connection ends with
+    /// [`crate::CloseReason::Disconnected`] when the server closes. In option
+    /// mode use `opt_abort` instead.
+    pub fn disconnect(&mut self) -> Result<(), UsageError> {
+        self.need_ready("disconnect")?;
+        self.send_disc();
+        Ok(())
+    }
+
+    fn send_disc(&mut self) {
+        let h = RequestHeader {
+            flags: 0,
+            typ: cmd::DISC,
+            cookie: 0,
+            offset: 0,
+            length: 0,
+        };
+        if let Ok((b, n)) = encode_request_array(&h, self.xmit.mode == HeaderMode::Extended) {
+            self.tx.push_header(&b[..n]);
+        }
+        self.xmit.disc_sent = true;
+    }
+
+    /// Requests queued or awaiting their reply.
+    pub fn in_flight(&self) -> usize {
+        self.xmit.in_flight
+    }
+
+    /// The largest write payload this connection sends (libnbd's
+    /// `get_block_size(PAYLOAD)`).
+    pub fn payload_max(&self) -> u64 {
+        self.xmit.payload_max
+    }
+
+    // ----- replies -----
+
+    /// One step of the reply parser; `Ok(false)` means more bytes are needed.
+    pub(crate) fn step_transmission(&mut self) -> Result<bool, ProtocolError> {
+        let progressed = self.step_reply()?;
+        if self.xmit.want_disc() {
+            self.send_disc();
+        }
+        Ok(progressed)
+    }
+
+    fn step_reply(&mut self) -> Result<bool, ProtocolError> {
+        let x = &mut self.xmit;
+        match x.rx {
+            Rx::Header => {
+                let data = self.rx.data();
+                let Some(m) = data.first_chunk::<4>() else {
+                    return Ok(false);
+                };
+                let hlen = wrep::reply_header_len(u32::from_be_bytes(*m), x.mode)?;
+                let Some(hb) = data.get(..hlen) else {
+                    return Ok(false);
+                };
+                let h = wrep::parse_reply_header(hb, x.mode)?;
+                self.rx.consume(hlen);
+                self.handle_reply_header(h)?;
+                Ok(true)
+            }
+            Rx::Data {
+                slot,
+                pos,
+                end,
+                done,
+            } => {
+                let avail = self.rx.len();
+                if avail == 0 {
+                    return Ok(false);
+                }
+                let n = avail.min(end - pos);
+                if let Some(dst) = x.slots[slot as usize]
+                    .req
+                    .buf
+                    .as_mut()
+                    .and_then(|b| b.get_mut(pos..pos + n))
+                {
+                    dst.copy_from_slice(&self.rx.data()[..n]);
+                }
+                self.rx.consume(n);
+                let pos = pos + n;
+                if pos == end {
+                    x.rx = Rx::Header;
+                    if done {
+                        x.finish(slot, &mut self.events)?;
+                    }
+                } else {
+                    x.rx = Rx::Data {
+                        slot,
+                        pos,
+                        end,
+                        done,
+                    };
+                }
+                Ok(true)
+            }
+            Rx::DataPrefix {
+                slot,
+                length,
+                flags,
+            } => {
+                let Some(b) = self.rx.data().first_chunk::<8>() else {
+                    return Ok(false);
+                };
+                let off = wrep::parse_offset_data_prefix(b);
+                self.rx.consume(8);
+                let len = length - 8;
+                let start = x.add_content(slot, off, len)?;
+                let r = &x.slots[slot as usize].req;
+                if r.chunk_events {
+                    let cookie = x.cookie(slot);
+                    self.events.push_back(Event::ReadChunk {
+                        cookie,
+                        offset: off,
+                        length: len,
+                        kind: ReadChunkKind::Data,
+                    });
+                }
+                x.rx = Rx::Data {
+                    slot,
+                    pos: start,
+                    end: start + len as usize,
+                    done: flags & reply_flags::DONE != 0,
+                };
+                Ok(true)
+            }
+            Rx::Buffered {
+                slot,
+                typ,
+                flags,
+                length,
+            } => {
+                let Some(p) = self.rx.data().get(..length) else {
+                    return Ok(false);
+                };
+                let p = p.to_vec();
+                self.rx.consume(length);
+                self.xmit.rx = Rx::Header;
+                self.handle_buffered_chunk(slot, typ, flags, &p)
+            }
+            Rx::StatusHeader {
+                slot,
+                typ,
+                flags,
+                length,
+            } => {
+                let wide = typ == chunk::BLOCK_STATUS_EXT;
+                let hlen = if wide { 8 } else { 4 };
+                let Some(b) = self.rx.data().get(..hlen) else {
+                    return Ok(false);
+                };
+                let context = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                let desc = if wide { 16 } else { 8 };
+                let body = length - hlen as u64;
+                if wide {
+                    let count = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
+                    if u64::from(count) * 16 != body {
+                        return Err(WireError::BadLength {
+                            what: "NBD_REPLY_TYPE_BLOCK_STATUS_EXT descriptor count",
+                            len: u64::from(count),
+                        }
+                        .into());
+                    }
+                }
+                self.rx.consume(hlen);
+                if !x.contexts.contains(&context) {
+                    return Err(x.bad(
+                        slot,
+                        format!("block status for unknown context id {context}"),
+                    ));
+                }
+                let r = x.req(slot);
+                if r.contexts_seen.contains(&context) {
+                    return Err(x.bad(
+                        slot,
+                        format!("two block status chunks for context {context}"),
+                    ));
+                }
+                r.contexts_seen.push(context);
+                if body / desc > x.limits.max_extents as u64 {
+                    return Err(x.bad(slot, format!("{} extents exceed the limit", body / desc)));
+                }
+                x.extents.clear();
+                x.rx = Rx::StatusBody {
+                    slot,
+                    flags,
+                    context,
+                    remaining: body,
+                    wide,
+                };
+                Ok(true)
+            }
+            Rx::StatusBody {
+                slot,
+                flags,
+                context,
+                remaining,
+                wide,
+            } => {
+                let desc = if wide { 16 } else { 8 };
+                let mut consumed = 0;
+                let mut left = remaining;
+                for d in self.rx.data().chunks_exact(desc) {
+                    if left == 0 {
+                        break;
+                    }
+                    let (length, fl) = if wide {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(&d[..8]);
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(&d[8..16]);
+                        (u64::from_be_bytes(a), u64::from_be_bytes(b))
+                    } else {
+                        (
+                            u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]])),
+                            u64::from(u32::from_be_bytes([d[4], d[5], d[6], d[7]])),
+                        )
+                    };
+                    if length == 0 {
+                        return Err(x.bad(slot, "zero-length extent".into()));
+                    }
+                    x.extents.push(Extent { length, flags: fl });
+                    consumed += desc;
+                    left -= desc as u64;
+                }
+                if consumed == 0 && left > 0 {
+                    return Ok(false);
+                }
+                self.rx.consume(consumed);
+                if left > 0 {
+                    x.rx = Rx::StatusBody {
+                        slot,
+                        flags,
+                        context,
+                        remaining: left,
+                        wide,
+                    };
+                    return Ok(true);
+                }
+                x.rx = Rx::Header;
+                self.finish_status_chunk(slot, flags, context)?;
+                Ok(true)
+            }
+        }
+    }
+
+    fn finish_status_chunk(
+        &mut self,
+        slot: u32,
+        flags: u16,
+        context: u32,
+    ) -> Result<(), ProtocolError> {
+        let x = &mut self.xmit;
+        let r = &x.slots[slot as usize].req;
+        let n = x.extents.len();
+        if n == 0 {
+            return Err(x.bad(slot, "block status chunk without extents".into()));
+        }
+        if r.flags & cf::REQ_ONE != 0 && (n != 1 || x.extents[0].length > r.length) {
+            return Err(x.bad(
+                slot,
+                "REQ_ONE answered with more than one extent, or a longer one".into(),
+            ));
+        }
+        let head: u64 = x.extents[..n - 1]
+            .iter()
+            .fold(0u64, |a, e| a.saturating_add(e.length));
+        if n > 1 && head >= r.length {
+            return Err(x.bad(
+                slot,
+                format!(
+                    "extents run past the request: first {} extents sum to {head}",
+                    n - 1
+                ),
+            ));
+        }
+        let cookie = x.cookie(slot);
+        let extents = std::mem::take(&mut x.extents);
+        self.events.push_back(Event::BlockStatus {
+            cookie,
+            context_id: context,
+            extents,
+        });
+        if flags & reply_flags::DONE != 0 {
+            x.finish(slot, &mut self.events)?;
+        }
+        Ok(())
+    }
+
+    fn handle_reply_header(&mut self, h: ReplyHeader) -> Result<(), ProtocolError> {
+        let x = &mut self.xmit;
+        match h {
+            ReplyHeader::Simple { error, cookie } => {
+                let slot = x.lookup(cookie)?;
+                let r = &x.slots[slot as usize].req;
+                if r.cmd == cmd::READ && x.mode != HeaderMode::Simple && error == 0 {
+                    return Err(x.bad(
+                        slot,
+                        "simple reply with data to a read in structured mode".into(),
+                    ));
+                }
+                if error != 0 {
+                    let e = CommandError::Server {
+                        errno: NbdErrno(error),
+                        message: None,
+                        offset: None,
+                    };
+                    x.set_error(slot, e);
+                    return x.finish(slot, &mut self.events);
+                }
+                if r.cmd == cmd::READ && r.length > 0 {
+                    let end = r.length as usize;
+                    let cookie = x.cookie(slot);
+                    let r = x.req(slot);
+                    r.covered = r.length;
+                    if r.chunk_events {
+                        let (offset, length) = (r.offset, r.length);
+                        self.events.push_back(Event::ReadChunk {
+                            cookie,
+                            offset,
+                            length,
+                            kind: ReadChunkKind::Data,
+                        });
+                    }
+                    x.rx = Rx::Data {
+                        slot,
+                        pos: 0,
+                        end,
+                        done: true,
+                    };
+                    return Ok(());
+                }
+                let r = x.req(slot);
+                r.covered = r.length;
+                x.finish(slot, &mut self.events)
+            }
+            ReplyHeader::Chunk {
+                flags,
+                typ,
+                cookie,
+                offset,
+                length,
+            } => {
+                let slot = x.lookup(cookie)?;
+                let r = &x.slots[slot as usize].req;
+                if let Some(o) = offset {
+                    if o != r.offset {
+                        return Err(x.bad(
+                            slot,
+                            format!(
+                                "extended reply offset {o} differs from the request's {}",
+                                r.offset
+                            ),
+                        ));
+                    }
+                }
+                if length > x.dos_limit + 64 {
+                    return Err(x.bad(slot, format!("chunk length {length} is unreasonably large")));
+                }
+                let done = flags & reply_flags::DONE != 0;
+                let is_read = r.cmd == cmd::READ;
+                let is_status = r.cmd == cmd::BLOCK_STATUS;
+                match typ {
+                    chunk::NONE => {
+                        if length != 0 || !done {
+                            return Err(x.bad(
+                                slot,
+                                "NBD_REPLY_TYPE_NONE with a payload or without DONE".into(),
+                            ));
+                        }
+                        if is_read && r.error.is_none() && r.covered != r.length {
+                            // NONE ends a read that must already be covered.
+                        }
+                        x.finish(slot, &mut self.events)
+                    }
+                    chunk::OFFSET_DATA if is_read => {
+                        wrep::check_offset_data_len(length)?;
+                        x.rx = Rx::DataPrefix {
+                            slot,
+                            length,
+                            flags,
+                        };
+                        Ok(())
+                    }
+                    chunk::OFFSET_HOLE if is_read => {
+                        if length != 12 {
+                            return Err(WireError::BadLength {
+                                what: "NBD_REPLY_TYPE_OFFSET_HOLE",
+                                len: length,
+                            }
+                            .into());
+                        }
+                        x.rx = Rx::Buffered {
+                            slot,
+                            typ,
+                            flags,
+                            length: 12,
+                        };
+                        Ok(())
+                    }
+                    chunk::BLOCK_STATUS | chunk::BLOCK_STATUS_EXT if is_status => {
+                        let ext = x.mode == HeaderMode::Extended;
+                        let wide = typ == chunk::BLOCK_STATUS_EXT;
+                        if ext != wide {
+                            return Err(x.bad(
+                                slot,
+                                format!(
+                                    "chunk type {typ} is not allowed in {} mode",
+                                    x.mode.name()
+                                ),
+                            ));
+                        }
+                        let (hdr, desc) = if wide { (8, 16) } else { (4, 8) };
+                        if length < hdr + desc || (length - hdr) % desc != 0 {
+                            return Err(WireError::BadLength {
+                                what: "block status chunk",
+                                len: length,
+                            }
+                            .into());
+                        }
+                        x.rx = Rx::StatusHeader {
+                            slot,
+                            typ,
+                            flags,
+                            length,
+                        };
+                        Ok(())
+                    }
+                    t if t & chunk::FLAG_ERROR != 0 => {
+                        if length > MAX_BUFFERED_CHUNK {
+                            return Err(WireError::BadLength {
+                                what: "error chunk",
+                                len: length,
+                            }
+                            .into());
+                        }
+                        x.rx = Rx::Buffered {
+                            slot,
+                            typ,
+                            flags,
+                            length: length as usize,
+                        };
+                        Ok(())
+                    }
+                    // Rule 96: unknown or unexpected non-error chunk type.
+                    t => Err(x.bad(slot, format!("unexpected chunk type {t}"))),
+                }
+            }
+        }
+    }
+
+    fn handle_buffered_chunk(
+        &mut self,
+        slot: u32,
+        typ: u16,
+        flags: u16,
+        p: &[u8],
+    ) -> Result<bool, ProtocolError> {
+        let x = &mut self.xmit;
+        let done = flags & reply_flags::DONE != 0;
+        if typ == chunk::OFFSET_HOLE {
+            let (off, len) = wrep::parse_offset_hole(p)?;
+            let start = x.add_content(slot, off, u64::from(len))?;
+            let r = x.req(slot);
+            if let Some(b) = r
+                .buf
+                .as_mut()
+                .and_then(|b| b.get_mut(start..start + len as usize))
+            {
+                b.fill(0);
+            }
+            if r.chunk_events {
+                let cookie = x.cookie(slot);
+                self.events.push_back(Event::ReadChunk {
+                    cookie,
+                    offset: off,
+                    length: u64::from(len),
+                    kind: ReadChunkKind::Hole,
+                });
+            }
+        } else {
+            let e = wrep::parse_error_chunk(typ, p)?;
+            let r = &x.slots[slot as usize].req;
+            if let Some(o) = e.offset {
+                if o < r.offset || o >= r.offset + r.length.max(1) {
+                    return Err(x.bad(slot, format!("error offset {o} lies outside the request")));
+                }
+            }
+            let message =
+                (!e.message.is_empty()).then(|| String::from_utf8_lossy(e.message).into_owned());
+            let (errno_v, offset) = (e.error, e.offset);
+            if r.chunk_events {
+                let cookie = x.cookie(slot);
+                self.events.push_back(Event::ReadChunk {
+                    cookie,
+                    offset: offset.unwrap_or(r.offset),
+                    length: 0,
+                    kind: ReadChunkKind::Error,
+                });
+            }
+            x.set_error(
+                slot,
+                CommandError::Server {
+                    errno: NbdErrno(errno_v),
+                    message,
+                    offset,
+                },
+            );
+        }
+        if done {
+            x.finish(slot, &mut self.events)?;
+        }
+        Ok(true)
+    }
+}

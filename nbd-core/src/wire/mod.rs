@@ -1,0 +1,72 @@
+//! Encoders and parsers for every NBD message, one file per message family.
+//!
+//! Parsers take byte slices whose length the caller already knows from the
+//! protocol (fixed-size headers, or a payload whose length came in a header
+//! that was checked against a limit first). They never allocate more than the
+//! slice they are given, never panic, and report malformed input as a
+//! [`WireError`] that says what the server sent.
+
+pub mod handshake;
+pub mod option;
+pub mod reply;
+pub mod request;
+
+/// A message from the server does not follow the protocol's layout rules.
+///
+/// Each variant names what was wrong, with the offending values, so that the
+/// error shown to a user says what the server did.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The first 8 bytes were not `NBDMAGIC`.
+    #[error("server is not an NBD server: bad initial magic {0:#018x}")]
+    BadInitialMagic(u64),
+    /// Bytes 8..16 were neither `IHAVEOPT` nor the oldstyle magic.
+    #[error("server is neither an oldstyle nor a newstyle NBD server: magic {0:#018x}")]
+    BadVersionMagic(u64),
+    /// An option reply did not start with the option reply magic.
+    #[error("bad option reply magic {0:#018x}")]
+    BadOptionReplyMagic(u64),
+    /// A reply in the transmission phase started with an unknown magic, or
+    /// with a magic not allowed in the negotiated header mode.
+    #[error("bad reply magic {magic:#010x} (negotiated mode: {mode})")]
+    BadReplyMagic {
+        /// The magic received.
+        magic: u32,
+        /// The header mode that was negotiated.
+        mode: &'static str,
+    },
+    /// A payload's length does not fit its type.
+    #[error("{what}: invalid length {len}")]
+    BadLength {
+        /// What was being parsed.
+        what: &'static str,
+        /// The length the server gave.
+        len: u64,
+    },
+    /// A length field inside a payload points past the payload's end.
+    #[error("{what}: inner length {inner} does not fit in payload of {outer} bytes")]
+    InnerLengthOverflow {
+        /// What was being parsed.
+        what: &'static str,
+        /// The inner length field's value.
+        inner: u64,
+        /// The length of the payload that should contain it.
+        outer: u64,
+    },
+    /// A string was not valid UTF-8 or contained NUL.
+    #[error("{0}: string is not valid UTF-8 or contains NUL")]
+    BadString(&'static str),
+    /// A field held a value the protocol forbids.
+    #[error("{what}: invalid value {value}")]
+    BadValue {
+        /// What was being parsed.
+        what: &'static str,
+        /// The value received.
+        value: u64,
+    },
+    /// A request header (seen by a test server or fuzzer) started with
+    /// neither the compact nor the extended request magic.
+    #[error("bad request magic {0:#010x}")]
+    BadRequestMagic(u32),
+}
