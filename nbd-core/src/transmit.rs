@@ -756,6 +756,13 @@ impl Connection {
         self.xmit.disc_sent = true;
     }
 
+    /// True if a request carrying `bytes` of payload fits within the
+    /// in-flight limits now (otherwise submitting it returns
+    /// [`UsageError::InFlightLimit`]; wait for a completion first).
+    pub fn has_room(&self, bytes: u64) -> bool {
+        self.check_limits(bytes).is_ok()
+    }
+
     /// Requests queued or awaiting their reply.
     pub fn in_flight(&self) -> usize {
         self.xmit.in_flight

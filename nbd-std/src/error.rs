@@ -1,0 +1,75 @@
+//! The one error type of the blocking client.
+
+use nbd_core::uri::UriError;
+use nbd_core::{CloseReason, CommandError, OptionError, OptionKind, UsageError};
+
+/// Why a call of the blocking client failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The call was invalid now (wrong phase, strict-mode violation, ...);
+    /// nothing was sent and the connection is unchanged.
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    /// The server refused an option; in option mode the connection stays usable.
+    #[error("{option}: {error}")]
+    Option {
+        /// The option.
+        option: OptionKind,
+        /// The server's error and message.
+        error: OptionError,
+    },
+    /// The server reported an error for a command; the connection stays usable.
+    #[error(transparent)]
+    Command(#[from] CommandError),
+    /// The connection is over (server hung up, protocol violation, abort...).
+    #[error("{0}")]
+    Closed(CloseReason),
+    /// The socket failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The URI could not be parsed.
+    #[error("invalid NBD URI: {0}")]
+    Uri(#[from] UriError),
+    /// A feature this client does not offer yet.
+    #[error("not supported: {0}")]
+    Unsupported(String),
+}
+
+impl Error {
+    /// The closest `std::io::ErrorKind`.
+    pub fn io_kind(&self) -> std::io::ErrorKind {
+        use std::io::ErrorKind as K;
+        match self {
+            Error::Usage(_) | Error::Uri(_) => K::InvalidInput,
+            Error::Option { error, .. } => error.reply.io_kind(),
+            Error::Command(e) => e.io_kind(),
+            Error::Closed(_) => K::NotConnected,
+            Error::Io { source, .. } => source.kind(),
+            Error::Unsupported(_) => K::Unsupported,
+        }
+    }
+
+    /// True if the connection can no longer be used.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Error::Closed(_) | Error::Io { .. })
+    }
+}
+
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Io { source, .. } => source,
+            other => std::io::Error::new(other.io_kind(), other),
+        }
+    }
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,44 @@
+//! # nbd-std: a blocking NBD client
+//!
+//! A libnbd-like client over `std` Unix and TCP sockets, driven by the
+//! Sans-IO state machine of [`nbd_core`]. One [`Client`] is one connection.
+//!
+//! ```no_run
+//! use nbd_std::{Client, Config};
+//! let mut c = Client::connect("nbd+unix:///?socket=/tmp/sock", Config::default())?;
+//! let mut sector = [0u8; 512];
+//! c.pread(&mut sector, 0, 0)?;
+//! c.shutdown()?;
+//! # Ok::<(), nbd_std::Error>(())
+//! ```
+//!
+//! Option mode ([`Config::opt_mode`]) stops after the handshake so the
+//! caller can list exports, ask for info and pick one:
+//!
+//! ```no_run
+//! use nbd_std::{Client, Config};
+//! let cfg = Config { opt_mode: true, ..Config::default() };
+//! let mut c = Client::connect("/tmp/sock", cfg)?;
+//! for (name, description) in c.opt_list()? {
+//!     println!("{name} {description}");
+//! }
+//! c.opt_go()?;
+//! println!("size = {}", c.get_size()?);
+//! # Ok::<(), nbd_std::Error>(())
+//! ```
+//!
+//! Many requests in flight from one thread: the `aio_*` calls queue a
+//! command and return its [`Cookie`]; [`Client::wait`] / [`Client::wait_any`]
+//! retire completions. [`NbdFile`] wraps a client as `Read + Write + Seek`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod client;
+mod error;
+mod file;
+
+pub use client::{Client, Completion};
+pub use error::{Error, Result};
+pub use file::NbdFile;
+pub use nbd_core::{self, consts, Config, Cookie, Extent, Phase, ReadChunkKind, Strict, TlsMode};
