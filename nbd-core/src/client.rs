@@ -113,7 +113,9 @@ impl Connection {
     /// fuzzers; adapters avoid the copy with [`Connection::recv_buf`].
     pub fn handle_input(&mut self, mut data: &[u8]) {
         while !data.is_empty() && !self.is_finished() {
-            if let Some(dst) = self.xmit.direct_target() {
+            if self.rx.len() > 0 {
+                // Buffered bytes come first.
+            } else if let Some(dst) = self.xmit.direct_target() {
                 let n = dst.len().min(data.len());
                 dst[..n].copy_from_slice(&data[..n]);
                 self.direct_commit(n);

@@ -131,6 +131,7 @@ pub(crate) struct Transmission {
     disc_sent: bool,
     disc_wanted: bool,
     extents: Vec<Extent>,
+    scratch: Vec<u8>,
 }
 
 impl Transmission {
@@ -153,6 +154,7 @@ impl Transmission {
             disc_sent: false,
             disc_wanted: false,
             extents: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -356,7 +358,7 @@ impl Transmission {
     fn add_content(&mut self, slot: u32, off: u64, len: u64) -> Result<usize, ProtocolError> {
         let r = &self.slots[slot as usize].req;
         let end = off.checked_add(len);
-        let req_end = r.offset + r.length;
+        let req_end = r.offset.saturating_add(r.length);
         if off < r.offset || end.is_none_or(|e| e > req_end) {
             return Err(self.bad(
                 slot,
@@ -877,10 +879,16 @@ impl Connection {
                 let Some(p) = self.rx.data().get(..length) else {
                     return Ok(false);
                 };
-                let p = p.to_vec();
+                // Copy into a scratch buffer kept across replies (no allocation
+                // in steady state), so the receive buffer can move on.
+                let mut scratch = std::mem::take(&mut x.scratch);
+                scratch.clear();
+                scratch.extend_from_slice(p);
                 self.rx.consume(length);
                 self.xmit.rx = Rx::Header;
-                self.handle_buffered_chunk(slot, typ, flags, &p)
+                let r = self.handle_buffered_chunk(slot, typ, flags, &scratch);
+                self.xmit.scratch = scratch;
+                r
             }
             Rx::StatusHeader {
                 slot,
@@ -1098,7 +1106,7 @@ impl Connection {
                         ));
                     }
                 }
-                if length > x.dos_limit + 64 {
+                if length > x.dos_limit.saturating_add(64) {
                     return Err(x.bad(slot, format!("chunk length {length} is unreasonably large")));
                 }
                 let done = flags & reply_flags::DONE != 0;
@@ -1226,7 +1234,7 @@ impl Connection {
             let e = wrep::parse_error_chunk(typ, p)?;
             let r = &x.slots[slot as usize].req;
             if let Some(o) = e.offset {
-                if o < r.offset || o >= r.offset + r.length.max(1) {
+                if o < r.offset || o >= r.offset.saturating_add(r.length.max(1)) {
                     return Err(x.bad(slot, format!("error offset {o} lies outside the request")));
                 }
             }
