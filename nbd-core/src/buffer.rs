@@ -98,6 +98,15 @@ pub(crate) struct SendQueue {
 }
 
 impl SendQueue {
+    /// A queue with room for `segments` pieces, so that steady traffic with
+    /// many requests in flight does not grow it.
+    pub(crate) fn with_capacity(segments: usize) -> Self {
+        SendQueue {
+            segments: VecDeque::with_capacity(segments),
+            ..SendQueue::default()
+        }
+    }
+
     /// The buffer to append an option message to; call [`SendQueue::seal`] after.
     pub(crate) fn scratch(&mut self) -> &mut BytesMut {
         &mut self.scratch

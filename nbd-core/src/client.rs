@@ -86,12 +86,14 @@ impl Connection {
     /// server's first bytes arrive. Call it once the transport is connected.
     pub fn new(cfg: Config) -> Self {
         let xmit = Transmission::new(&cfg.limits);
+        // A header and a payload per request in flight (bounded).
+        let tx = SendQueue::with_capacity(cfg.limits.max_in_flight.clamp(1, 512) * 2 + 4);
         Connection {
             cfg,
             state: State::Greeting,
             auto: AutoStep::StartTls,
             rx: RecvBuffer::new(RECV_BUFFER_LEN),
-            tx: SendQueue::default(),
+            tx,
             events: VecDeque::with_capacity(128),
             close_reason: None,
             protocol: None,
@@ -143,7 +145,10 @@ impl Connection {
         if self.rx.len() == 0 && self.xmit.direct_target().is_some() {
             return self.xmit.direct_target().unwrap_or_default();
         }
-        self.rx.spare()
+        let cap = self.xmit.recv_cap();
+        let spare = self.rx.spare();
+        let n = spare.len().min(cap);
+        &mut spare[..n]
     }
 
     /// Reports that `n` bytes were read into [`Connection::recv_buf`].
@@ -175,7 +180,13 @@ impl Connection {
     /// Reports that the transport failed (an I/O error other than
     /// would-block); the connection is over.
     pub fn handle_transport_error(&mut self, message: impl Into<String>) {
-        self.close(CloseReason::Transport(message.into()));
+        // Rule 23: once NBD_OPT_ABORT is sent, however the server ends the
+        // connection is the expected end (nbd-server 3.24 resets it).
+        let reason = match self.eof_reason() {
+            CloseReason::Aborted => CloseReason::Aborted,
+            _ => CloseReason::Transport(message.into()),
+        };
+        self.close(reason);
     }
 
     // ----- output -----

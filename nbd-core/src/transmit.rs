@@ -23,6 +23,13 @@ use crate::wire::WireError;
 const MAX_BUFFERED_CHUNK: u64 = 64 * 1024;
 /// Payload sizes up to this are never treated as hostile (spec §3.11).
 const MIN_DOS_THRESHOLD: u64 = 32 << 20;
+/// Average payload per request in flight from which reply payloads are
+/// better read straight into read buffers than copied from the receive
+/// buffer (a copy of this size costs more than one more system call).
+const DIRECT_READ_MIN: u64 = 64 * 1024;
+/// Receive-buffer read size while large payloads are expected: room for
+/// any reply header, and for many small replies (write acknowledgements).
+const HEADER_READ_CAP: usize = 4096;
 
 /// The spec's name of a command, for messages.
 pub fn command_name(c: u16) -> &'static str {
@@ -213,6 +220,22 @@ impl Transmission {
         }
     }
 
+    /// How many bytes the adapter should read into the receive buffer at
+    /// once. Unlimited, except while the requests in flight carry large
+    /// payloads on average and a reply header is awaited: then a short read
+    /// takes the header, and the payload that follows goes straight into
+    /// the read's buffer ([`Transmission::direct_target`]) instead of being
+    /// copied out of the receive buffer.
+    pub(crate) fn recv_cap(&self) -> usize {
+        let large = self.in_flight > 0
+            && self.bytes_in_flight / self.in_flight as u64 >= DIRECT_READ_MIN;
+        if large && matches!(self.rx, Rx::Header | Rx::DataPrefix { .. }) {
+            HEADER_READ_CAP
+        } else {
+            usize::MAX
+        }
+    }
+
     /// Where payload bytes may be read directly (a read's own buffer).
     pub(crate) fn direct_target(&mut self) -> Option<&mut [u8]> {
         if let Rx::Data { slot, pos, end, .. } = self.rx {
@@ -373,14 +396,22 @@ impl Transmission {
         }
         let end = off + len;
         let r = self.req(slot);
-        let overlaps = r.ranges.iter().any(|&(a, b)| off < b && a < end);
-        if overlaps {
-            return Err(self.bad(
-                slot,
-                format!("chunk at offset {off} overlaps an earlier chunk"),
-            ));
+        // While chunks arrive in order, `covered` alone describes them (one
+        // run from the request's offset), so nothing is recorded or allocated.
+        if !(r.ranges.is_empty() && off == r.offset + r.covered) {
+            if r.ranges.is_empty() && r.covered > 0 {
+                let run = (r.offset, r.offset + r.covered);
+                r.ranges.push(run);
+            }
+            let overlaps = r.ranges.iter().any(|&(a, b)| off < b && a < end);
+            if overlaps {
+                return Err(self.bad(
+                    slot,
+                    format!("chunk at offset {off} overlaps an earlier chunk"),
+                ));
+            }
+            r.ranges.push((off, end));
         }
-        r.ranges.push((off, end));
         r.covered += len;
         r.content_chunks += 1;
         Ok((off - r.offset) as usize)

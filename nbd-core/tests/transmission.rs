@@ -947,6 +947,41 @@ fn zero_copy_offset_data_chunk_targets_its_region() {
     assert!(out[..] == data[..]);
 }
 
+#[test]
+fn zero_copy_large_reads_keep_receive_buffer_reads_short() {
+    // With large reads in flight, the core offers only a short piece of its
+    // own buffer while a reply header is awaited, so that the payload after
+    // the header is read straight into the read's buffer, not copied.
+    let mut h = Setup::new(Mode::Structured).connect();
+    let len = 256 * KIB as usize;
+    let buf = BytesMut::zeroed(len);
+    let base = buf.as_ptr() as usize;
+    let c = h.conn.read(0, buf, 0);
+    let c = h.ok(c);
+    h.sent();
+    let data = pattern(3, len);
+    let reply = h.data(DONE, c, 0, &data);
+    let rb = h.conn.recv_buf();
+    assert!(rb.len() <= 4096, "short read offered: {}", rb.len());
+    // A socket read that fills the offer: header, offset, start of the data.
+    let n = rb.len();
+    rb.copy_from_slice(&reply[..n]);
+    h.conn.recv_commit(n);
+    let copied = n - 28;
+    let rb = h.conn.recv_buf();
+    assert_eq!((rb.as_ptr() as usize, rb.len()), (base + copied, len - copied));
+    rb.copy_from_slice(&data[copied..]);
+    h.conn.recv_commit(len - copied);
+    let out = h.done_ok(c).unwrap();
+    assert!(out[..] == data[..]);
+    // Small reads in flight: the whole free buffer is offered again, so
+    // that one socket read can take many replies.
+    let c = h.conn.read(0, BytesMut::zeroed(4096), 0);
+    h.ok(c);
+    h.sent();
+    assert!(h.conn.recv_buf().len() > 64 * KIB as usize);
+}
+
 // ===========================================================================
 // §3.8 / §3.9: structured replies
 // ===========================================================================

@@ -50,6 +50,12 @@ impl Stream {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
         };
     }
+    fn shutdown_write(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
+        };
+    }
 }
 
 impl AsFd for Stream {
@@ -359,6 +365,10 @@ impl Client {
 
     fn run_until(&mut self, mut f: impl FnMut(&Client) -> bool) -> Result<()> {
         loop {
+            // Events a command queued without I/O (a repeated
+            // STRUCTURED_REPLY / EXTENDED_HEADERS succeeds at once) must be
+            // seen before blocking in poll(2), or the call never returns.
+            self.dispatch();
             if f(self) {
                 return Ok(());
             }
@@ -375,6 +385,18 @@ impl Client {
     }
 
     // ----- option mode -----
+
+    /// A command refused because the connection is already over reports
+    /// why it ended (for example a server that hung up after a failed
+    /// option), not a phase error.
+    fn usable<T>(&self, r: std::result::Result<T, UsageError>) -> Result<T> {
+        match (r, self.conn.close_reason()) {
+            (Err(UsageError::WrongPhase { .. }), Some(reason)) if self.conn.is_finished() => {
+                Err(Error::Closed(reason.clone()))
+            }
+            (r, _) => Ok(r?),
+        }
+    }
 
     fn run_option(&mut self) -> Result<OptionKind> {
         self.opt_result = None;
@@ -404,7 +426,8 @@ impl Client {
     /// Lists the server's exports as (name, description) (`NBD_OPT_LIST`).
     pub fn opt_list(&mut self) -> Result<Vec<(String, String)>> {
         self.listed.clear();
-        self.conn.opt_list()?;
+        let r = self.conn.opt_list();
+        self.usable(r)?;
         self.run_option()?;
         Ok(std::mem::take(&mut self.listed))
     }
@@ -412,7 +435,8 @@ impl Client {
     /// Asks about the current export without entering transmission
     /// (`NBD_OPT_INFO`); the getters then report it.
     pub fn opt_info(&mut self) -> Result<()> {
-        self.conn.opt_info()?;
+        let r = self.conn.opt_info();
+        self.usable(r)?;
         self.run_option().map(|_| ())
     }
 
@@ -421,7 +445,8 @@ impl Client {
     pub fn opt_go(&mut self) -> Result<()> {
         self.went = false;
         self.opt_result = None;
-        self.conn.opt_go()?;
+        let r = self.conn.opt_go();
+        self.usable(r)?;
         self.run_until(|c| c.went || c.opt_result.is_some())?;
         if self.went {
             return Ok(());
@@ -436,27 +461,40 @@ impl Client {
 
     /// Ends negotiation politely (`NBD_OPT_ABORT`) and closes.
     pub fn opt_abort(&mut self) -> Result<()> {
-        self.conn.opt_abort()?;
+        let r = self.conn.opt_abort();
+        self.usable(r)?;
+        self.finish_writes();
         let _ = self.run_until(|c| c.conn.is_finished());
         self.check_open()
     }
 
+    /// After `NBD_CMD_DISC` or `NBD_OPT_ABORT`: sends what is queued, then
+    /// shuts the socket down for writing (as libnbd does), so a server that
+    /// waits for the client's EOF cannot leave the wait for its close hanging.
+    fn finish_writes(&mut self) {
+        let _ = self.run_until(|c| !c.conn.wants_write() || c.conn.is_finished());
+        self.stream.shutdown_write();
+    }
+
     /// `NBD_OPT_STRUCTURED_REPLY`: true if the server agreed.
     pub fn opt_structured_reply(&mut self) -> Result<bool> {
-        self.conn.opt_structured_reply()?;
+        let r = self.conn.opt_structured_reply();
+        self.usable(r)?;
         refused_is_false(self.run_option())
     }
 
     /// `NBD_OPT_EXTENDED_HEADERS`: true if the server agreed.
     pub fn opt_extended_headers(&mut self) -> Result<bool> {
-        self.conn.opt_extended_headers()?;
+        let r = self.conn.opt_extended_headers();
+        self.usable(r)?;
         refused_is_false(self.run_option())
     }
 
     /// `NBD_OPT_LIST_META_CONTEXT` with these queries (empty = all).
     pub fn opt_list_meta_context<S: AsRef<str>>(&mut self, queries: &[S]) -> Result<Vec<String>> {
         self.contexts.clear();
-        self.conn.opt_list_meta_context(queries)?;
+        let r = self.conn.opt_list_meta_context(queries);
+        self.usable(r)?;
         self.run_option()?;
         Ok(std::mem::take(&mut self.contexts))
     }
@@ -464,7 +502,8 @@ impl Client {
     /// `NBD_OPT_SET_META_CONTEXT` with these queries; returns what was selected.
     pub fn opt_set_meta_context<S: AsRef<str>>(&mut self, queries: &[S]) -> Result<Vec<String>> {
         self.contexts.clear();
-        self.conn.opt_set_meta_context(queries)?;
+        let r = self.conn.opt_set_meta_context(queries);
+        self.usable(r)?;
         self.run_option()?;
         Ok(std::mem::take(&mut self.contexts))
     }
@@ -781,7 +820,14 @@ impl Client {
             Phase::Negotiating => self.opt_abort(),
             Phase::Ready => {
                 self.run_until(|c| c.conn.in_flight() == 0)?;
-                self.conn.disconnect()?;
+                // The core may have sent NBD_CMD_DISC already (rule 104:
+                // soft disconnect after an ESHUTDOWN reply); then only the
+                // server's close is awaited.
+                match self.conn.disconnect() {
+                    Ok(()) | Err(UsageError::WrongPhase { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.finish_writes();
                 let _ = self.run_until(|c| c.conn.is_finished());
                 self.check_open()
             }

@@ -47,6 +47,8 @@ impl Error {
     pub fn io_kind(&self) -> std::io::ErrorKind {
         use std::io::ErrorKind as K;
         match self {
+            // libnbd: writes to a read-only export fail with EPERM.
+            Error::Usage(UsageError::ReadOnly) => K::PermissionDenied,
             Error::Usage(_) | Error::Uri(_) => K::InvalidInput,
             Error::Option { error, .. } => error.reply.io_kind(),
             Error::Command(e) => e.io_kind(),
