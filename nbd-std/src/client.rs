@@ -597,6 +597,11 @@ impl Client {
 
     /// Blocks until the in-flight limits leave room for `bytes` more.
     fn wait_room(&mut self, bytes: u64) -> Result<()> {
+        if self.conn.phase() == Phase::Dead {
+            // A command on a dead connection reports why it died (the
+            // server hung up, broke the protocol...), not a phase error.
+            return self.check_open();
+        }
         if self.conn.phase() != Phase::Ready {
             return Ok(()); // the core reports the phase error
         }
