@@ -227,8 +227,8 @@ impl Transmission {
     /// the read's buffer ([`Transmission::direct_target`]) instead of being
     /// copied out of the receive buffer.
     pub(crate) fn recv_cap(&self) -> usize {
-        let large = self.in_flight > 0
-            && self.bytes_in_flight / self.in_flight as u64 >= DIRECT_READ_MIN;
+        let large =
+            self.in_flight > 0 && self.bytes_in_flight / self.in_flight as u64 >= DIRECT_READ_MIN;
         if large && matches!(self.rx, Rx::Header | Rx::DataPrefix { .. }) {
             HEADER_READ_CAP
         } else {

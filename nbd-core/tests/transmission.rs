@@ -969,7 +969,10 @@ fn zero_copy_large_reads_keep_receive_buffer_reads_short() {
     h.conn.recv_commit(n);
     let copied = n - 28;
     let rb = h.conn.recv_buf();
-    assert_eq!((rb.as_ptr() as usize, rb.len()), (base + copied, len - copied));
+    assert_eq!(
+        (rb.as_ptr() as usize, rb.len()),
+        (base + copied, len - copied)
+    );
     rb.copy_from_slice(&data[copied..]);
     h.conn.recv_commit(len - copied);
     let out = h.done_ok(c).unwrap();
