@@ -68,6 +68,9 @@ impl RecvBuffer {
     }
 }
 
+/// Bytes offered to one vectored write at most (a few socket buffers).
+const MAX_BYTES_PER_WRITE: usize = 1 << 20;
+
 /// One queued piece of output.
 #[derive(Debug)]
 enum Segment {
@@ -107,13 +110,16 @@ impl SendQueue {
         }
     }
 
-    /// The buffer to append an option message to; call [`SendQueue::seal`] after.
-    pub(crate) fn scratch(&mut self) -> &mut BytesMut {
-        &mut self.scratch
+    /// Queues a message (an option request, the client flags) built by
+    /// `encode` in the scratch buffer.
+    pub(crate) fn push_message(&mut self, encode: impl FnOnce(&mut BytesMut)) {
+        encode(&mut self.scratch);
+        self.seal();
     }
 
-    /// Queues what was appended to the scratch buffer.
-    pub(crate) fn seal(&mut self) {
+    /// Queues what was appended to the scratch buffer; the scratch buffer is
+    /// empty again afterwards, so no other method needs to check it.
+    fn seal(&mut self) {
         if !self.scratch.is_empty() {
             let b = self.scratch.split().freeze();
             self.queued += b.len();
@@ -123,7 +129,6 @@ impl SendQueue {
 
     /// Queues a request header (at most 32 bytes) without allocating.
     pub(crate) fn push_header(&mut self, h: &[u8]) {
-        self.seal();
         let mut buf = [0u8; 32];
         let n = h.len().min(32);
         buf[..n].copy_from_slice(&h[..n]);
@@ -137,7 +142,6 @@ impl SendQueue {
 
     /// Queues a payload without copying it.
     pub(crate) fn push_payload(&mut self, b: Bytes) {
-        self.seal();
         if !b.is_empty() {
             self.queued += b.len();
             self.segments.push_back(Segment::Shared(b));
@@ -145,30 +149,35 @@ impl SendQueue {
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.queued == 0 && self.scratch.is_empty()
+        self.queued == 0
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.queued + self.scratch.len()
+        self.queued
     }
 
     pub(crate) fn slices<'a>(&'a mut self, out: &mut [IoSlice<'a>]) -> usize {
-        self.seal();
         let mut n = 0;
+        let mut bytes = 0;
         for (slot, seg) in out.iter_mut().zip(self.segments.iter()) {
-            *slot = IoSlice::new(seg.bytes());
+            // More than a socket buffer holds is never taken by one write;
+            // offering it would only cost work on every call.
+            if bytes >= MAX_BYTES_PER_WRITE {
+                break;
+            }
+            let b = seg.bytes();
+            bytes += b.len();
+            *slot = IoSlice::new(b);
             n += 1;
         }
         n
     }
 
     pub(crate) fn front(&mut self) -> &[u8] {
-        self.seal();
         self.segments.front().map(Segment::bytes).unwrap_or(&[])
     }
 
     pub(crate) fn advance(&mut self, mut n: usize) {
-        self.seal();
         n = n.min(self.queued);
         self.queued -= n;
         while n > 0 {

@@ -332,8 +332,8 @@ impl Connection {
     // ----- sending -----
 
     fn send_option(&mut self, kind: OptionKind, data: &[u8], origin: Origin) {
-        wopt::encode_option(kind.code(), data, self.tx.scratch());
-        self.tx.seal();
+        self.tx
+            .push_message(|b| wopt::encode_option(kind.code(), data, b));
         self.state = State::Option(Pending::new(kind, origin));
     }
 
@@ -388,12 +388,9 @@ impl Connection {
 
     fn send_export_name(&mut self) {
         let name = self.cfg.export_name.clone();
-        wopt::encode_option(
-            OptionKind::ExportName.code(),
-            name.as_bytes(),
-            self.tx.scratch(),
-        );
-        self.tx.seal();
+        self.tx.push_message(|b| {
+            wopt::encode_option(OptionKind::ExportName.code(), name.as_bytes(), b)
+        });
         self.state = State::ExportNameReply;
     }
 
@@ -401,8 +398,8 @@ impl Connection {
     /// mode gives up; rule 16 requires the soft disconnect).
     fn abort_and_close(&mut self, reason: CloseReason) {
         if self.protocol == Some(Protocol::NewstyleFixed) {
-            wopt::encode_option(OptionKind::Abort.code(), &[], self.tx.scratch());
-            self.tx.seal();
+            self.tx
+                .push_message(|b| wopt::encode_option(OptionKind::Abort.code(), &[], b));
         }
         self.close(reason);
     }
@@ -538,8 +535,8 @@ impl Connection {
             flags |= self.cfg.handshake_flags & cf::NO_ZEROES;
         }
         self.client_flags = flags;
-        handshake::encode_client_flags(flags, self.tx.scratch());
-        self.tx.seal();
+        self.tx
+            .push_message(|b| handshake::encode_client_flags(flags, b));
         if flags & cf::FIXED_NEWSTYLE != 0 {
             self.protocol = Some(Protocol::NewstyleFixed);
             self.state = State::Negotiating;

@@ -28,8 +28,9 @@ const MIN_DOS_THRESHOLD: u64 = 32 << 20;
 /// buffer (a copy of this size costs more than one more system call).
 const DIRECT_READ_MIN: u64 = 64 * 1024;
 /// Receive-buffer read size while large payloads are expected: room for
-/// any reply header, and for many small replies (write acknowledgements).
-const HEADER_READ_CAP: usize = 4096;
+/// any reply header and many small replies (write acknowledgements), while
+/// little of a following payload gets copied out of the receive buffer.
+const HEADER_READ_CAP: usize = 512;
 
 /// The spec's name of a command, for messages.
 pub fn command_name(c: u16) -> &'static str {

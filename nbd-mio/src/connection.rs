@@ -13,9 +13,9 @@ use nbd_core::{Config, Connection, Event, Phase, TlsMode};
 
 use crate::error::{Error, Result};
 
-/// Most slices handed to one vectored write: enough for 64 small writes
+/// Most slices handed to one vectored write: enough for 8 small writes
 /// (header + payload each) in one system call.
-const MAX_SLICES: usize = 128;
+const MAX_SLICES: usize = 16;
 
 /// Successful vectored writes per turn before replies get a look in (a
 /// write takes up to [`MAX_SLICES`] pieces, and as much as the socket

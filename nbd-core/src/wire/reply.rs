@@ -105,49 +105,58 @@ pub enum ReplyHeader {
 /// slice of the wrong length gives [`WireError::BadLength`]. The caller still
 /// has to check the cookie, the chunk type and the payload length.
 pub fn parse_reply_header(b: &[u8], mode: HeaderMode) -> Result<ReplyHeader, WireError> {
+    // Hot path (once per reply): fixed offsets read with plain loads.
     let bad_len = || WireError::BadLength {
         what: "reply header",
         len: len64(b.len()),
     };
-    let (rest, magic) = be_u32::<_, NomErr<'_>>(b).map_err(|_| bad_len())?;
+    let Some(m) = b.first_chunk::<4>() else {
+        return Err(bad_len());
+    };
+    let magic = u32::from_be_bytes(*m);
     let want = reply_header_len(magic, mode)?;
     if b.len() != want {
         return Err(bad_len());
     }
-    match magic {
-        SIMPLE_REPLY_MAGIC => {
-            let (_, (error, cookie)) = (be_u32::<_, NomErr<'_>>, be_u64)
-                .parse(rest)
-                .map_err(|_| bad_len())?;
-            Ok(ReplyHeader::Simple { error, cookie })
-        }
-        STRUCTURED_REPLY_MAGIC => {
-            let (_, (flags, typ, cookie, length)) =
-                (be_u16::<_, NomErr<'_>>, be_u16, be_u64, be_u32)
-                    .parse(rest)
-                    .map_err(|_| bad_len())?;
-            Ok(ReplyHeader::Chunk {
-                flags,
-                typ,
-                cookie,
+    let u16_at = |i: usize| {
+        b.get(i..i + 2)
+            .and_then(|s| s.try_into().ok())
+            .map(u16::from_be_bytes)
+    };
+    let u32_at = |i: usize| {
+        b.get(i..i + 4)
+            .and_then(|s| s.try_into().ok())
+            .map(u32::from_be_bytes)
+    };
+    let u64_at = |i: usize| {
+        b.get(i..i + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_be_bytes)
+    };
+    let h = match magic {
+        SIMPLE_REPLY_MAGIC => u32_at(4)
+            .zip(u64_at(8))
+            .map(|(error, cookie)| ReplyHeader::Simple { error, cookie }),
+        STRUCTURED_REPLY_MAGIC => (|| {
+            Some(ReplyHeader::Chunk {
+                flags: u16_at(4)?,
+                typ: u16_at(6)?,
+                cookie: u64_at(8)?,
                 offset: None,
-                length: u64::from(length),
+                length: u64::from(u32_at(16)?),
             })
-        }
-        _ => {
-            let (_, (flags, typ, cookie, offset, length)) =
-                (be_u16::<_, NomErr<'_>>, be_u16, be_u64, be_u64, be_u64)
-                    .parse(rest)
-                    .map_err(|_| bad_len())?;
-            Ok(ReplyHeader::Chunk {
-                flags,
-                typ,
-                cookie,
-                offset: Some(offset),
-                length,
+        })(),
+        _ => (|| {
+            Some(ReplyHeader::Chunk {
+                flags: u16_at(4)?,
+                typ: u16_at(6)?,
+                cookie: u64_at(8)?,
+                offset: Some(u64_at(16)?),
+                length: u64_at(24)?,
             })
-        }
-    }
+        })(),
+    };
+    h.ok_or_else(bad_len)
 }
 
 /// Checks the payload length of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk: it

@@ -58,37 +58,29 @@ pub fn encode_request_array(
     h: &RequestHeader,
     extended: bool,
 ) -> Result<([u8; 32], usize), WireError> {
+    // Hot path (once per request): plain stores, no parser machinery.
+    let mut buf = [0u8; 32];
     let magic = if extended {
         EXTENDED_REQUEST_MAGIC
     } else {
         REQUEST_MAGIC
     };
-    let magic = magic.to_be_bytes();
-    let flags = h.flags.to_be_bytes();
-    let typ = h.typ.to_be_bytes();
-    let cookie = h.cookie.to_be_bytes();
-    let offset = h.offset.to_be_bytes();
-    let long_len;
-    let short_len;
-    let length: &[u8] = if extended {
-        long_len = h.length.to_be_bytes();
-        &long_len
+    buf[0..4].copy_from_slice(&magic.to_be_bytes());
+    buf[4..6].copy_from_slice(&h.flags.to_be_bytes());
+    buf[6..8].copy_from_slice(&h.typ.to_be_bytes());
+    buf[8..16].copy_from_slice(&h.cookie.to_be_bytes());
+    buf[16..24].copy_from_slice(&h.offset.to_be_bytes());
+    if extended {
+        buf[24..32].copy_from_slice(&h.length.to_be_bytes());
+        Ok((buf, 32))
     } else {
         let l = u32::try_from(h.length).map_err(|_| WireError::BadLength {
             what: "compact request length",
             len: h.length,
         })?;
-        short_len = l.to_be_bytes();
-        &short_len
-    };
-    let parts: [&[u8]; 6] = [&magic, &flags, &typ, &cookie, &offset, length];
-    let mut buf = [0u8; 32];
-    let mut used = 0usize;
-    for (dst, src) in buf.iter_mut().zip(parts.iter().flat_map(|p| p.iter())) {
-        *dst = *src;
-        used = used.saturating_add(1);
+        buf[24..28].copy_from_slice(&l.to_be_bytes());
+        Ok((buf, 28))
     }
-    Ok((buf, used))
 }
 
 /// Appends the `NBD_CMD_BLOCK_STATUS` filter payload to `out`: the u64
