@@ -1,0 +1,818 @@
+//! Records seed inputs for the fuzz targets.
+//!
+//! `state_machine` seeds are REAL server byte streams: this program starts
+//! nbdkit, qemu-nbd and nbd-server on Unix sockets in a temporary directory,
+//! runs the fuzz harness's own scripted client ([`nbd_fuzz::Driver`]) against
+//! each, and saves every socket read as one frame of the harness's input
+//! format, behind the 4-byte setup header. Replaying a seed therefore makes
+//! the client take exactly the steps it took against the real server.
+//!
+//! The seeds of the other targets are small messages built with the
+//! `nbd_core::wire` encoders and hand-written bytes.
+//!
+//! ```sh
+//! cd fuzz && cargo run --release --example record_seeds -- corpus/seed
+//! ```
+//! A server whose binary is missing is skipped with a message.
+
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use nbd_core::consts::{
+    chunk, info, opt, rep, IHAVEOPT, NBDMAGIC, OLDSTYLE_MAGIC, OPTION_REPLY_MAGIC,
+};
+use nbd_core::wire::reply::{encode_chunk_header, encode_simple_reply, HeaderMode};
+use nbd_core::wire::request::{encode_request, RequestHeader};
+use nbd_fuzz::{feed, push_frame, Driver, Setup, HEADER_LEN};
+
+/// Largest seed written; bigger recordings are reported and skipped.
+const MAX_SEED: usize = 64 * 1024;
+
+struct Server {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn have(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn scratch(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("nbd-fuzz-rec-{}-{tag}", std::process::id()));
+    let _ = fs::remove_dir_all(&d);
+    fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+fn wait_for(path: &Path) {
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{path:?} never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// nbdkit in the foreground, dying with us; `args` go before the plugin.
+fn nbdkit(tag: &str, args: &[&str]) -> Option<(Server, PathBuf)> {
+    if !have("nbdkit") {
+        eprintln!("skip {tag}: nbdkit not installed");
+        return None;
+    }
+    let dir = scratch(tag);
+    let sock = dir.join("sock");
+    let pid = dir.join("pid");
+    let child = Command::new("nbdkit")
+        .args(["--exit-with-parent", "-f", "-U"])
+        .arg(&sock)
+        .arg("-P")
+        .arg(&pid)
+        .args(args)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn nbdkit");
+    let s = Server { child, dir };
+    wait_for(&pid);
+    wait_for(&sock);
+    Some((s, sock))
+}
+
+/// qemu-nbd on a sparse raw file with data in the first 64 KiB, export "exp".
+fn qemu_nbd(tag: &str) -> Option<(Server, PathBuf)> {
+    if !have("qemu-nbd") {
+        eprintln!("skip {tag}: qemu-nbd not installed");
+        return None;
+    }
+    let dir = scratch(tag);
+    let img = dir.join("disk.raw");
+    {
+        let mut f = fs::File::create(&img).expect("image");
+        f.write_all(&vec![0x5a; 65536]).expect("write image");
+        f.set_len(1 << 20).expect("size image");
+    }
+    let sock = dir.join("sock");
+    let child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "-t", "-e", "4", "-x", "exp", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn qemu-nbd");
+    let s = Server { child, dir };
+    wait_for(&sock);
+    Some((s, sock))
+}
+
+/// nbd-server 3.x (no structured replies), export "exp", in the foreground.
+fn nbd_server(tag: &str) -> Option<(Server, PathBuf)> {
+    if !have("nbd-server") {
+        eprintln!("skip {tag}: nbd-server not installed");
+        return None;
+    }
+    let dir = scratch(tag);
+    let img = dir.join("disk.img");
+    fs::File::create(&img)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("image");
+    let sock = dir.join("sock");
+    let conf = dir.join("conf");
+    fs::write(
+        &conf,
+        format!(
+            "[generic]\n    unixsock = {}\n    allowlist = true\n[exp]\n    exportname = {}\n    \
+             trim = true\n    flush = true\n    fua = true\n",
+            sock.display(),
+            img.display()
+        ),
+    )
+    .expect("config");
+    // -d: no fork, serves one client, then exits; we kill it anyway.
+    let child = Command::new("nbd-server")
+        .arg("-C")
+        .arg(&conf)
+        .arg("-d")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn nbd-server");
+    let s = Server { child, dir };
+    wait_for(&sock);
+    Some((s, sock))
+}
+
+/// Runs the harness's client against the server at `sock` and returns the
+/// seed: header, then one frame per socket read.
+fn record(sock: &Path, setup: Setup, split: u8) -> Vec<u8> {
+    let mut stream = UnixStream::connect(sock).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let mut seed = setup.to_header([0x5e, 0xed, split]).to_vec();
+    assert_eq!(seed.len(), HEADER_LEN);
+    let mut d = Driver::new(setup);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    loop {
+        d.pump(&mut out);
+        if !out.is_empty() {
+            // The server may already be gone (after ABORT); that is fine.
+            let _ = stream.write_all(&out);
+            out.clear();
+        }
+        if d.conn.is_finished() {
+            break;
+        }
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                push_frame(&mut seed, &buf[..n]);
+                feed(&mut d.conn, &buf[..n], setup.recv_path);
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("read from server: {e}"),
+        }
+    }
+    d.finish(&mut out);
+    seed
+}
+
+fn save(dir: &Path, name: &str, data: &[u8]) {
+    if data.len() > MAX_SEED {
+        eprintln!("skip {name}: {} bytes is over the seed limit", data.len());
+        return;
+    }
+    fs::write(dir.join(name), data).expect("write seed");
+    println!("{name}: {} bytes", data.len());
+}
+
+/// `bits`: the setup byte; `FEW` (bit 8 here) stands for byte 3 bit 4.
+fn setup(bits: u16) -> Setup {
+    Setup::from_header([bits as u8, 0, 0, if bits & FEW != 0 { 0x10 } else { 0 }])
+}
+
+const AUTO: u16 = 0;
+const OPT: u16 = 1;
+const NO_EH: u16 = 2;
+const FULL_INFO: u16 = 4;
+const RECV: u16 = 8;
+const NAMED: u16 = 64;
+const HOSTILE: u16 = 128;
+const FEW: u16 = 256;
+
+fn record_streams(dir: &Path) {
+    let dir = dir.join("state_machine");
+    fs::create_dir_all(&dir).expect("seed dir");
+    // (name, server, setup bits, split byte)
+    type Start = fn(&str) -> Option<(Server, PathBuf)>;
+    let runs: &[(&str, Start, u16, u8)] = &[
+        (
+            "nbdkit-memory-auto",
+            |t| nbdkit(t, &["memory", "1M"]),
+            AUTO,
+            0x0f,
+        ),
+        (
+            "nbdkit-memory-opt",
+            |t| nbdkit(t, &["memory", "1M"]),
+            OPT | FULL_INFO,
+            0x0f,
+        ),
+        (
+            "nbdkit-memory-recv",
+            |t| nbdkit(t, &["memory", "1M"]),
+            RECV | NO_EH,
+            0x05,
+        ),
+        (
+            "nbdkit-oldstyle",
+            |t| nbdkit(t, &["-o", "memory", "1M"]),
+            AUTO,
+            0x0f,
+        ),
+        (
+            "nbdkit-oldstyle-opt",
+            |t| nbdkit(t, &["-o", "memory", "1M"]),
+            OPT | RECV,
+            0x03,
+        ),
+        (
+            "nbdkit-no-sr",
+            |t| nbdkit(t, &["--no-sr", "memory", "1M"]),
+            AUTO,
+            0x0f,
+        ),
+        (
+            "nbdkit-no-sr-opt",
+            |t| nbdkit(t, &["--no-sr", "memory", "1M"]),
+            OPT,
+            0x08,
+        ),
+        (
+            "nbdkit-newstyle-nonfixed",
+            |t| nbdkit(t, &["--mask-handshake=0", "memory", "1M"]),
+            AUTO,
+            0x0f,
+        ),
+        (
+            "nbdkit-newstyle-nonfixed-opt",
+            |t| nbdkit(t, &["--mask-handshake=0", "memory", "1M"]),
+            OPT,
+            0x0f,
+        ),
+        (
+            "nbdkit-read-errors",
+            |t| {
+                nbdkit(
+                    t,
+                    &[
+                        "--filter=error",
+                        "memory",
+                        "1M",
+                        "error=EIO",
+                        "error-pread-rate=100%",
+                    ],
+                )
+            },
+            AUTO,
+            0x0f,
+        ),
+        (
+            "nbdkit-exports-blocksize-opt",
+            |t| {
+                nbdkit(
+                    t,
+                    &[
+                        "--filter=exportname",
+                        "--filter=blocksize-policy",
+                        "memory",
+                        "1M",
+                        "exportname-list=explicit",
+                        "exportname=exp",
+                        "exportname=other",
+                        "exportdesc=fixed:hello",
+                        "blocksize-minimum=512",
+                        "blocksize-preferred=4096",
+                        "blocksize-maximum=65536",
+                    ],
+                )
+            },
+            OPT | FULL_INFO | NAMED,
+            0x0f,
+        ),
+        (
+            "nbdkit-hostile-offsets",
+            |t| nbdkit(t, &["memory", "1M"]),
+            HOSTILE,
+            0x0f,
+        ),
+        (
+            "nbdkit-few-slots",
+            |t| nbdkit(t, &["memory", "1M"]),
+            FEW | RECV,
+            0x0f,
+        ),
+        ("qemu-nbd-extended", qemu_nbd, NAMED, 0x0f),
+        (
+            "qemu-nbd-extended-hostile",
+            qemu_nbd,
+            NAMED | HOSTILE | FEW,
+            0x0f,
+        ),
+        (
+            "qemu-nbd-extended-opt",
+            qemu_nbd,
+            OPT | NAMED | FULL_INFO,
+            0x0f,
+        ),
+        ("qemu-nbd-structured", qemu_nbd, NAMED | NO_EH, 0x0f),
+        ("nbd-server-simple", nbd_server, NAMED, 0x0f),
+        ("nbd-server-opt", nbd_server, OPT | NAMED, 0x0f),
+    ];
+    for (name, start, bits, split) in runs {
+        let Some((_server, sock)) = start(name) else {
+            continue;
+        };
+        let seed = record(&sock, setup(*bits), *split);
+        save(&dir, name, &seed);
+    }
+}
+
+// ----- seeds of the parser targets -----
+
+fn option_reply(option: u32, reply_type: u32, payload: &[u8]) -> Vec<u8> {
+    let mut v = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+    v.extend_from_slice(&option.to_be_bytes());
+    v.extend_from_slice(&reply_type.to_be_bytes());
+    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    v.extend_from_slice(payload);
+    v
+}
+
+fn write_wire_seeds(dir: &Path) {
+    let put = |target: &str, name: &str, data: &[u8]| {
+        let d = dir.join(target);
+        fs::create_dir_all(&d).expect("seed dir");
+        fs::write(d.join(name), data).expect("write seed");
+    };
+
+    // wire_handshake
+    let mut g = NBDMAGIC.to_be_bytes().to_vec();
+    g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    g.extend_from_slice(&3u16.to_be_bytes());
+    put("wire_handshake", "newstyle", &g);
+    let mut o = NBDMAGIC.to_be_bytes().to_vec();
+    o.extend_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
+    o.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    o.extend_from_slice(&0x0001_u32.to_be_bytes());
+    o.extend_from_slice(&[0; 124]);
+    put("wire_handshake", "oldstyle", &o);
+    let mut e = (1u64 << 20).to_be_bytes().to_vec();
+    e.extend_from_slice(&0x0d6du16.to_be_bytes());
+    put("wire_handshake", "export-name-reply", &e);
+
+    // wire_option: headers, and payloads on their own
+    put("wire_option", "ack", &option_reply(opt::GO, rep::ACK, &[]));
+    let mut server = 3u32.to_be_bytes().to_vec();
+    server.extend_from_slice(b"expthe description");
+    put("wire_option", "server-payload", &server);
+    put(
+        "wire_option",
+        "server-reply",
+        &option_reply(opt::LIST, rep::SERVER, &server),
+    );
+    let mut ie = info::EXPORT.to_be_bytes().to_vec();
+    ie.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    ie.extend_from_slice(&0x0d6du16.to_be_bytes());
+    put("wire_option", "info-export", &ie);
+    let mut ib = info::BLOCK_SIZE.to_be_bytes().to_vec();
+    for v in [512u32, 4096, 65536] {
+        ib.extend_from_slice(&v.to_be_bytes());
+    }
+    put("wire_option", "info-block-size", &ib);
+    let mut iname = info::NAME.to_be_bytes().to_vec();
+    iname.extend_from_slice(b"canonical");
+    put("wire_option", "info-name", &iname);
+    let mut idesc = info::DESCRIPTION.to_be_bytes().to_vec();
+    idesc.extend_from_slice("d\u{e9}scription".as_bytes());
+    put("wire_option", "info-description", &idesc);
+    let mut mc = 1u32.to_be_bytes().to_vec();
+    mc.extend_from_slice(b"base:allocation");
+    put("wire_option", "meta-context", &mc);
+    put(
+        "wire_option",
+        "error-reply",
+        &option_reply(opt::GO, rep::ERR_UNKNOWN, b"no such export"),
+    );
+
+    // wire_reply: selector byte, then the message
+    let with_sel = |sel: u8, b: &[u8]| {
+        let mut v = vec![sel];
+        v.extend_from_slice(b);
+        v
+    };
+    let mut s = BytesMut::new();
+    encode_simple_reply(0, 0x1_0000_0002, &mut s);
+    put("wire_reply", "simple", &with_sel(0, &s));
+    let mut c = BytesMut::new();
+    encode_chunk_header(
+        HeaderMode::Structured,
+        1,
+        chunk::OFFSET_DATA,
+        7,
+        0,
+        4104,
+        &mut c,
+    );
+    put("wire_reply", "structured-data", &with_sel(0, &c));
+    let mut x = BytesMut::new();
+    encode_chunk_header(
+        HeaderMode::Extended,
+        1,
+        chunk::BLOCK_STATUS_EXT,
+        7,
+        4096,
+        24,
+        &mut x,
+    );
+    put("wire_reply", "extended-status", &with_sel(0, &x));
+    let mut hole = 4096u64.to_be_bytes().to_vec();
+    hole.extend_from_slice(&512u32.to_be_bytes());
+    put("wire_reply", "hole", &with_sel(0, &hole));
+    let mut err = 5u32.to_be_bytes().to_vec();
+    err.extend_from_slice(&4u16.to_be_bytes());
+    err.extend_from_slice(b"oops");
+    put("wire_reply", "error", &with_sel(0, &err));
+    let mut erro = err.clone();
+    erro.extend_from_slice(&4096u64.to_be_bytes());
+    put("wire_reply", "error-offset", &with_sel(1, &erro));
+    let mut bs = 1u32.to_be_bytes().to_vec();
+    for (l, f) in [(65536u32, 0u32), (983040, 3)] {
+        bs.extend_from_slice(&l.to_be_bytes());
+        bs.extend_from_slice(&f.to_be_bytes());
+    }
+    put("wire_reply", "block-status", &with_sel(5, &bs));
+    let mut bsx = 1u32.to_be_bytes().to_vec();
+    bsx.extend_from_slice(&1u32.to_be_bytes());
+    bsx.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    bsx.extend_from_slice(&2u64.to_be_bytes());
+    put("wire_reply", "block-status-ext", &with_sel(6, &bsx));
+
+    // wire_request
+    let h = RequestHeader {
+        flags: 1,
+        typ: 1,
+        cookie: 0x1_0000_0003,
+        offset: 16384,
+        length: 4096,
+    };
+    for (name, ext) in [("compact", false), ("extended", true)] {
+        let mut r = BytesMut::new();
+        encode_request(&h, ext, &mut r).expect("encode");
+        put("wire_request", name, &r);
+    }
+
+    // uri
+    for (i, u) in [
+        "nbd://example.com:10810/exp",
+        "nbds+unix:///exp?socket=/tmp/s.sock&tls-psk-file=/k",
+        "nbd://[fe80::1%25eth0]/a%20b?tls-verify-peer=0&x-custom=1",
+        "nbds://alice@127.0.0.1/?tls-type=psk&tls-hostname=h",
+        "nbd+vsock://3:1234/",
+        "nbd+unix:///?socket=%00abstract",
+    ]
+    .iter()
+    .enumerate()
+    {
+        put("uri", &format!("uri-{i}"), u.as_bytes());
+    }
+}
+
+// ----- synthetic state_machine seeds -----
+
+/// Cookie of the `i`-th command of the harness batch (first use of slot `i`).
+fn cookie(i: u64) -> u64 {
+    1 << 32 | i
+}
+
+fn chunk_msg(
+    mode: HeaderMode,
+    flags: u16,
+    typ: u16,
+    i: u64,
+    req_off: u64,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    encode_chunk_header(
+        mode,
+        flags,
+        typ,
+        cookie(i),
+        req_off,
+        payload.len() as u64,
+        &mut b,
+    );
+    b.extend_from_slice(payload);
+    b.to_vec()
+}
+
+fn data(o: u64, n: usize, fill: u8) -> Vec<u8> {
+    let mut v = o.to_be_bytes().to_vec();
+    v.extend(std::iter::repeat_n(fill, n));
+    v
+}
+
+fn hole(o: u64, n: u32) -> Vec<u8> {
+    let mut v = o.to_be_bytes().to_vec();
+    v.extend_from_slice(&n.to_be_bytes());
+    v
+}
+
+fn err(e: u32, msg: &[u8], o: Option<u64>) -> Vec<u8> {
+    let mut v = e.to_be_bytes().to_vec();
+    v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
+    v.extend_from_slice(msg);
+    if let Some(o) = o {
+        v.extend_from_slice(&o.to_be_bytes());
+    }
+    v
+}
+
+fn status(ext: bool, id: u32, list: &[(u64, u64)]) -> Vec<u8> {
+    let mut v = id.to_be_bytes().to_vec();
+    if ext {
+        v.extend_from_slice(&(list.len() as u32).to_be_bytes());
+    }
+    for (l, f) in list {
+        if ext {
+            v.extend_from_slice(&l.to_be_bytes());
+            v.extend_from_slice(&f.to_be_bytes());
+        } else {
+            v.extend_from_slice(&(*l as u32).to_be_bytes());
+            v.extend_from_slice(&(*f as u32).to_be_bytes());
+        }
+    }
+    v
+}
+
+/// Replies no stock server sends, to the harness batch: chunks out of
+/// order, holes next to data, error chunks with offsets, an unknown error
+/// chunk type, several chunks per read, and NBD_ESHUTDOWN at the end (after
+/// which the client disconnects by itself).
+fn synthetic_replies(m: HeaderMode) -> Vec<u8> {
+    const DONE: u16 = 1;
+    let ext = m == HeaderMode::Extended;
+    let st = if ext {
+        chunk::BLOCK_STATUS_EXT
+    } else {
+        chunk::BLOCK_STATUS
+    };
+    let mut v = Vec::new();
+    // read 0 (0+1024): second half first, then a hole for the first half
+    v.extend(chunk_msg(
+        m,
+        0,
+        chunk::OFFSET_DATA,
+        0,
+        0,
+        &data(512, 512, 0x11),
+    ));
+    v.extend(chunk_msg(m, 0, chunk::OFFSET_HOLE, 0, 0, &hole(0, 512)));
+    // read 1 (4096+2048, DF): one data chunk
+    v.extend(chunk_msg(
+        m,
+        DONE,
+        chunk::OFFSET_DATA,
+        1,
+        4096,
+        &data(4096, 2048, 0x22),
+    ));
+    v.extend(chunk_msg(m, DONE, chunk::NONE, 0, 0, &[]));
+    // write 2: a simple reply (structured mode) or a NONE chunk (extended)
+    if ext {
+        v.extend(chunk_msg(m, DONE, chunk::NONE, 2, 16384, &[]));
+    } else {
+        let mut simple = BytesMut::new();
+        encode_simple_reply(0, cookie(2), &mut simple);
+        v.extend_from_slice(&simple);
+    }
+    // read 3 (16384+1024): an error with an offset, then the data
+    v.extend(chunk_msg(
+        m,
+        0,
+        chunk::ERROR_OFFSET,
+        3,
+        16384,
+        &err(5, b"bad sector", Some(16400)),
+    ));
+    v.extend(chunk_msg(
+        m,
+        DONE,
+        chunk::OFFSET_DATA,
+        3,
+        16384,
+        &data(16384, 1024, 0x33),
+    ));
+    // flush 4, trim 5, write zeroes 6 (an unknown error chunk type)
+    v.extend(chunk_msg(m, DONE, chunk::NONE, 4, 0, &[]));
+    v.extend(chunk_msg(
+        m,
+        DONE,
+        chunk::ERROR,
+        5,
+        65536,
+        &err(1, b"", None),
+    ));
+    v.extend(chunk_msg(
+        m,
+        DONE,
+        0x8123,
+        6,
+        131072,
+        &err(28, b"odd type", None),
+    ));
+    // block status 7 and 8 (REQ_ONE)
+    v.extend(chunk_msg(
+        m,
+        DONE,
+        st,
+        7,
+        0,
+        &status(ext, 1, &[(4096, 0), (1044480, 3)]),
+    ));
+    v.extend(chunk_msg(m, DONE, st, 8, 0, &status(ext, 1, &[(4096, 0)])));
+    // read 9 (512K+4096): three pieces out of order
+    v.extend(chunk_msg(
+        m,
+        0,
+        chunk::OFFSET_DATA,
+        9,
+        524288,
+        &data(524288 + 3072, 1024, 0x99),
+    ));
+    v.extend(chunk_msg(
+        m,
+        0,
+        chunk::OFFSET_HOLE,
+        9,
+        524288,
+        &hole(524288, 1024),
+    ));
+    v.extend(chunk_msg(
+        m,
+        DONE,
+        chunk::OFFSET_DATA,
+        9,
+        524288,
+        &data(524288 + 1024, 2048, 0x9a),
+    ));
+    // cache 10: the server is shutting down
+    v.extend(chunk_msg(
+        m,
+        DONE,
+        chunk::ERROR,
+        10,
+        0,
+        &err(108, b"shutting down", None),
+    ));
+    v
+}
+
+fn info_reply(o: u32, typ: u16, fields: &[&[u8]]) -> Vec<u8> {
+    let mut p = typ.to_be_bytes().to_vec();
+    for f in fields {
+        p.extend_from_slice(f);
+    }
+    option_reply(o, rep::INFO, &p)
+}
+
+fn synthetic_seeds(dir: &Path) {
+    let dir = dir.join("state_machine");
+    fs::create_dir_all(&dir).expect("seed dir");
+    let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&3u16.to_be_bytes());
+    let mut mc = 1u32.to_be_bytes().to_vec();
+    mc.extend_from_slice(b"base:allocation");
+    let mut meta = option_reply(opt::SET_META_CONTEXT, rep::META_CONTEXT, &mc);
+    meta.extend(option_reply(opt::SET_META_CONTEXT, rep::ACK, &[]));
+    let mut go = info_reply(
+        opt::GO,
+        info::EXPORT,
+        &[&(1u64 << 20).to_be_bytes(), &0x0d6du16.to_be_bytes()],
+    );
+    go.extend(info_reply(
+        opt::GO,
+        info::BLOCK_SIZE,
+        &[
+            &1u32.to_be_bytes(),
+            &4096u32.to_be_bytes(),
+            &(32u32 << 20).to_be_bytes(),
+        ],
+    ));
+    go.extend(option_reply(opt::GO, rep::ACK, &[]));
+    for (name, mode) in [
+        ("synthetic-structured", HeaderMode::Structured),
+        ("synthetic-extended", HeaderMode::Extended),
+    ] {
+        let mut negotiation = if mode == HeaderMode::Extended {
+            option_reply(opt::EXTENDED_HEADERS, rep::ACK, &[])
+        } else {
+            let mut v = option_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, b"no");
+            v.extend(option_reply(opt::STRUCTURED_REPLY, rep::ACK, &[]));
+            v
+        };
+        negotiation.extend_from_slice(&meta);
+        negotiation.extend_from_slice(&go);
+        let mut seed = setup(AUTO).to_header([0x5e, 0xed, 0x0f]).to_vec();
+        push_frame(&mut seed, &greeting);
+        push_frame(&mut seed, &negotiation);
+        push_frame(&mut seed, &synthetic_replies(mode));
+        nbd_fuzz::run_state_machine(&seed);
+        save(&dir, name, &seed);
+    }
+}
+
+/// Option mode against a server that acknowledges STARTTLS (the harness
+/// takes the TLS handshake as done) and every later option.
+fn synthetic_tls_seed(dir: &Path) {
+    let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
+    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    greeting.extend_from_slice(&3u16.to_be_bytes());
+    let ack = |o: u32| option_reply(o, rep::ACK, &[]);
+    let meta = |o: u32, id: u32| {
+        let mut p = id.to_be_bytes().to_vec();
+        p.extend_from_slice(b"base:allocation");
+        let mut v = option_reply(o, rep::META_CONTEXT, &p);
+        v.extend(ack(o));
+        v
+    };
+    let export = |o: u32| {
+        let mut v = info_reply(
+            o,
+            info::EXPORT,
+            &[&(1u64 << 20).to_be_bytes(), &0x0d6du16.to_be_bytes()],
+        );
+        v.extend(info_reply(o, info::NAME, &[b"canonical"]));
+        v.extend(info_reply(o, info::DESCRIPTION, &[b"described"]));
+        v.extend(ack(o));
+        v
+    };
+    let mut list = 3u32.to_be_bytes().to_vec();
+    list.extend_from_slice(b"expdescription");
+    let frames: Vec<Vec<u8>> = vec![
+        greeting,
+        [
+            option_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]),
+            ack(opt::STRUCTURED_REPLY),
+        ]
+        .concat(),
+        ack(opt::STARTTLS),
+        [option_reply(opt::LIST, rep::SERVER, &list), ack(opt::LIST)].concat(),
+        option_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, b"still no"),
+        ack(opt::STRUCTURED_REPLY),
+        meta(opt::LIST_META_CONTEXT, 0),
+        meta(opt::SET_META_CONTEXT, 1),
+        [meta(opt::SET_META_CONTEXT, 2), export(opt::INFO)].concat(),
+        [meta(opt::SET_META_CONTEXT, 3), export(opt::GO)].concat(),
+    ];
+    let mut seed = setup(OPT | FULL_INFO)
+        .to_header([0x5e, 0xed, 0x0f])
+        .to_vec();
+    for f in &frames {
+        push_frame(&mut seed, f);
+    }
+    nbd_fuzz::run_state_machine(&seed);
+    save(&dir.join("state_machine"), "synthetic-opt-starttls", &seed);
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let dir = PathBuf::from(args.next().unwrap_or_else(|| "corpus/seed".into()));
+    write_wire_seeds(&dir);
+    synthetic_seeds(&dir);
+    synthetic_tls_seed(&dir);
+    if args.next().as_deref() != Some("--synthetic-only") {
+        record_streams(&dir);
+    }
+}
