@@ -151,14 +151,39 @@ impl Connection {
         &mut spare[..n]
     }
 
-    /// Reports that `n` bytes were read into [`Connection::recv_buf`].
-    pub fn recv_commit(&mut self, n: usize) {
+    /// Like [`Connection::recv_buf`], for vectored reads (`readv`): while a
+    /// large read payload is arriving, the first buffer is the rest of that
+    /// payload in the read's own buffer and the second is free space in the
+    /// receive buffer, so one system call takes the payload (without a copy)
+    /// and the replies behind it. Otherwise the second buffer is empty.
+    /// Follow with [`Connection::recv_commit`] with the total read.
+    pub fn recv_bufs(&mut self) -> [&mut [u8]; 2] {
         if self.rx.len() == 0 && self.xmit.direct_target().is_some() {
-            self.direct_commit(n);
-        } else {
-            self.rx.commit(n);
-            self.process();
+            let cap = self.xmit.recv_cap();
+            let spare = self.rx.spare();
+            let n = spare.len().min(cap);
+            let direct = self.xmit.direct_target().unwrap_or_default();
+            return [direct, &mut spare[..n]];
         }
+        [self.recv_buf(), &mut []]
+    }
+
+    /// Reports that `n` bytes were read into [`Connection::recv_buf`] (or,
+    /// in order, into the buffers of [`Connection::recv_bufs`]).
+    pub fn recv_commit(&mut self, n: usize) {
+        if self.rx.len() == 0 {
+            if let Some(direct) = self.xmit.direct_target().map(|d| d.len()) {
+                let d = n.min(direct);
+                self.direct_commit(d);
+                if n > d && !self.is_finished() {
+                    self.rx.commit(n - d);
+                    self.process();
+                }
+                return;
+            }
+        }
+        self.rx.commit(n);
+        self.process();
     }
 
     fn direct_commit(&mut self, n: usize) {

@@ -1,7 +1,7 @@
 //! [`NbdConnection`]: one NBD client connection on a non-blocking mio
 //! socket, driven by readiness events from the embedder's `mio::Poll`.
 
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
@@ -37,6 +37,13 @@ impl Stream {
         match self {
             Stream::Unix(s) => s.read(b),
             Stream::Tcp(s) => s.read(b),
+        }
+    }
+
+    fn read_vectored(&mut self, b: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read_vectored(b),
+            Stream::Tcp(s) => s.read_vectored(b),
         }
     }
 
@@ -476,14 +483,22 @@ impl NbdConnection {
         self.read_pending = false;
         while self.conn.wants_read() {
             let in_flight = self.conn.in_flight();
-            let buf = self.conn.recv_buf();
-            if buf.is_empty() {
+            // A large read payload goes straight into its buffer, and the
+            // replies behind it into the receive buffer, in one readv.
+            let [first, second] = self.conn.recv_bufs();
+            if first.is_empty() {
                 // The core always leaves room; never spin if it did not.
                 self.conn
                     .handle_transport_error("receive buffer full: the core cannot progress");
                 break;
             }
-            match self.stream.read(buf) {
+            let r = if second.is_empty() {
+                self.stream.read(first)
+            } else {
+                self.stream
+                    .read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)])
+            };
+            match r {
                 Ok(0) => {
                     self.conn.handle_eof();
                     break;
