@@ -159,7 +159,7 @@ impl Connection {
     /// Follow with [`Connection::recv_commit`] with the total read.
     pub fn recv_bufs(&mut self) -> [&mut [u8]; 2] {
         if self.rx.len() == 0 && self.xmit.direct_target().is_some() {
-            let cap = self.xmit.recv_cap();
+            let cap = self.xmit.recv_cap_behind_payload();
             let spare = self.rx.spare();
             let n = spare.len().min(cap);
             let direct = self.xmit.direct_target().unwrap_or_default();

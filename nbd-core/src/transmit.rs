@@ -228,13 +228,26 @@ impl Transmission {
     /// the read's buffer ([`Transmission::direct_target`]) instead of being
     /// copied out of the receive buffer.
     pub(crate) fn recv_cap(&self) -> usize {
-        let large =
-            self.in_flight > 0 && self.bytes_in_flight / self.in_flight as u64 >= DIRECT_READ_MIN;
-        if large && matches!(self.rx, Rx::Header | Rx::DataPrefix { .. }) {
+        if self.large_payloads() && matches!(self.rx, Rx::Header | Rx::DataPrefix { .. }) {
             HEADER_READ_CAP
         } else {
             usize::MAX
         }
+    }
+
+    /// How much of the receive buffer to offer behind a direct payload in
+    /// a vectored read: room for the next headers, but not for payloads
+    /// that would then have to be copied out.
+    pub(crate) fn recv_cap_behind_payload(&self) -> usize {
+        if self.large_payloads() {
+            HEADER_READ_CAP
+        } else {
+            usize::MAX
+        }
+    }
+
+    fn large_payloads(&self) -> bool {
+        self.in_flight > 0 && self.bytes_in_flight / self.in_flight as u64 >= DIRECT_READ_MIN
     }
 
     /// Where payload bytes may be read directly (a read's own buffer).
