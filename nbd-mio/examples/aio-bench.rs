@@ -222,6 +222,14 @@ struct Loop {
 impl Loop {
     /// Sends what is queued, waits for readiness and handles it.
     fn turn(&mut self) {
+        if self.nbd.io_pending() {
+            // The connection stopped early with input or output known to be
+            // waiting (to hand completions over): take it straight away
+            // instead of a round through epoll_ctl and epoll_wait.
+            self.nbd.flush();
+            self.nbd.on_ready(true, false);
+            return;
+        }
         if let Err(e) = self.nbd.reregister(self.poll.registry()) {
             die(e);
         }
