@@ -1165,9 +1165,7 @@ impl Connection {
                                 "NBD_REPLY_TYPE_NONE with a payload or without DONE".into(),
                             ));
                         }
-                        if is_read && r.error.is_none() && r.covered != r.length {
-                            // NONE ends a read that must already be covered.
-                        }
+                        // `finish` checks that a successful read is covered.
                         x.finish(slot, &mut self.events)
                     }
                     chunk::OFFSET_DATA if is_read => {
