@@ -93,6 +93,28 @@ struct Partial {
 /// Without option mode, it returns once the export is ready; with
 /// [`Config::opt_mode`], it stops in the negotiating phase and the `opt_*`
 /// calls drive negotiation.
+///
+/// # After the connection ended
+///
+/// The connection ends cleanly ([`Client::shutdown`], [`Client::opt_abort`]:
+/// [`Phase::Closed`], [`CloseReason::Disconnected`] or
+/// [`CloseReason::Aborted`]) or not (the server hung up or broke the
+/// protocol, the socket failed: [`Phase::Dead`]). When it ends unexpectedly,
+/// a call waiting for the server returns [`Error::Closed`] and a command in
+/// flight completes with [`CommandError::ConnectionClosed`]. From then on,
+/// after either kind of end, every call that needs the connection (the
+/// `opt_*` calls, [`Client::set_export_name`], and every command, `aio_*` or
+/// blocking) fails at once with [`Error::Closed`] carrying
+/// [`Connection::close_reason`], whatever its arguments, and sends nothing;
+/// like libnbd, which reports any call on a closed or dead handle as an
+/// invalid state. [`Client::shutdown`] is the exception: it returns `Ok(())`
+/// again after a clean end (and `Error::Closed` otherwise).
+///
+/// While the connection is alive, a call in the wrong phase is an
+/// [`Error::Usage`] with [`UsageError::WrongPhase`]: an `opt_*` call after
+/// `opt_go`, a command in option mode, or a command after `NBD_CMD_DISC` was
+/// queued (by [`Client::shutdown`], or by the client itself after an
+/// `ESHUTDOWN` reply) but before the server closed.
 #[derive(Debug)]
 pub struct Client {
     conn: Connection,
@@ -386,15 +408,17 @@ impl Client {
 
     // ----- option mode -----
 
-    /// A command refused because the connection is already over reports
-    /// why it ended (for example a server that hung up after a failed
-    /// option), not a phase error.
-    fn usable<T>(&self, r: std::result::Result<T, UsageError>) -> Result<T> {
-        match (r, self.conn.close_reason()) {
-            (Err(UsageError::WrongPhase { .. }), Some(reason)) if self.conn.is_finished() => {
-                Err(Error::Closed(reason.clone()))
-            }
-            (r, _) => Ok(r?),
+    /// The one policy for calls that need the connection (the `opt_*`
+    /// calls, `set_export_name` and every command): once the connection has
+    /// ended, cleanly ([`Phase::Closed`]) or not ([`Phase::Dead`]), they fail
+    /// with [`Error::Closed`] carrying the close reason, before any argument
+    /// check and without sending anything. While the connection is alive the
+    /// core judges the call, so a wrong phase stays
+    /// [`UsageError::WrongPhase`].
+    fn refuse_if_ended(&self) -> Result<()> {
+        match self.conn.close_reason() {
+            Some(reason) if self.conn.is_finished() => Err(Error::Closed(reason.clone())),
+            _ => Ok(()),
         }
     }
 
@@ -414,7 +438,12 @@ impl Client {
     }
 
     /// Changes the export that `opt_go`/`opt_info` will name (option mode).
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn set_export_name(&mut self, name: &str) -> Result<()> {
+        self.refuse_if_ended()?;
         Ok(self.conn.set_export_name(name)?)
     }
 
@@ -424,29 +453,41 @@ impl Client {
     }
 
     /// Lists the server's exports as (name, description) (`NBD_OPT_LIST`).
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn opt_list(&mut self) -> Result<Vec<(String, String)>> {
+        self.refuse_if_ended()?;
         self.listed.clear();
-        let r = self.conn.opt_list();
-        self.usable(r)?;
+        self.conn.opt_list()?;
         self.run_option()?;
         Ok(std::mem::take(&mut self.listed))
     }
 
     /// Asks about the current export without entering transmission
     /// (`NBD_OPT_INFO`); the getters then report it.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn opt_info(&mut self) -> Result<()> {
-        let r = self.conn.opt_info();
-        self.usable(r)?;
+        self.refuse_if_ended()?;
+        self.conn.opt_info()?;
         self.run_option().map(|_| ())
     }
 
     /// Selects the current export and enters the transmission phase
     /// (`NBD_OPT_GO`, or `NBD_OPT_EXPORT_NAME` as fallback).
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn opt_go(&mut self) -> Result<()> {
+        self.refuse_if_ended()?;
         self.went = false;
         self.opt_result = None;
-        let r = self.conn.opt_go();
-        self.usable(r)?;
+        self.conn.opt_go()?;
         self.run_until(|c| c.went || c.opt_result.is_some())?;
         if self.went {
             return Ok(());
@@ -460,9 +501,13 @@ impl Client {
     }
 
     /// Ends negotiation politely (`NBD_OPT_ABORT`) and closes.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn opt_abort(&mut self) -> Result<()> {
-        let r = self.conn.opt_abort();
-        self.usable(r)?;
+        self.refuse_if_ended()?;
+        self.conn.opt_abort()?;
         self.finish_writes();
         let _ = self.run_until(|c| c.conn.is_finished());
         self.check_open()
@@ -477,33 +522,49 @@ impl Client {
     }
 
     /// `NBD_OPT_STRUCTURED_REPLY`: true if the server agreed.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn opt_structured_reply(&mut self) -> Result<bool> {
-        let r = self.conn.opt_structured_reply();
-        self.usable(r)?;
+        self.refuse_if_ended()?;
+        self.conn.opt_structured_reply()?;
         refused_is_false(self.run_option())
     }
 
     /// `NBD_OPT_EXTENDED_HEADERS`: true if the server agreed.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn opt_extended_headers(&mut self) -> Result<bool> {
-        let r = self.conn.opt_extended_headers();
-        self.usable(r)?;
+        self.refuse_if_ended()?;
+        self.conn.opt_extended_headers()?;
         refused_is_false(self.run_option())
     }
 
     /// `NBD_OPT_LIST_META_CONTEXT` with these queries (empty = all).
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn opt_list_meta_context<S: AsRef<str>>(&mut self, queries: &[S]) -> Result<Vec<String>> {
+        self.refuse_if_ended()?;
         self.contexts.clear();
-        let r = self.conn.opt_list_meta_context(queries);
-        self.usable(r)?;
+        self.conn.opt_list_meta_context(queries)?;
         self.run_option()?;
         Ok(std::mem::take(&mut self.contexts))
     }
 
     /// `NBD_OPT_SET_META_CONTEXT` with these queries; returns what was selected.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn opt_set_meta_context<S: AsRef<str>>(&mut self, queries: &[S]) -> Result<Vec<String>> {
+        self.refuse_if_ended()?;
         self.contexts.clear();
-        let r = self.conn.opt_set_meta_context(queries);
-        self.usable(r)?;
+        self.conn.opt_set_meta_context(queries)?;
         self.run_option()?;
         Ok(std::mem::take(&mut self.contexts))
     }
@@ -596,12 +657,10 @@ impl Client {
     // ----- pipelined (aio) API -----
 
     /// Blocks until the in-flight limits leave room for `bytes` more.
+    /// Refuses first if the connection has ended; other phase errors are
+    /// left to the core command that follows.
     fn wait_room(&mut self, bytes: u64) -> Result<()> {
-        if self.conn.phase() == Phase::Dead {
-            // A command on a dead connection reports why it died (the
-            // server hung up, broke the protocol...), not a phase error.
-            return self.check_open();
-        }
+        self.refuse_if_ended()?;
         if self.conn.phase() != Phase::Ready {
             return Ok(()); // the core reports the phase error
         }
@@ -611,12 +670,20 @@ impl Client {
     /// Queues a read of `buf.len()` bytes at `offset` into `buf`; the
     /// filled buffer comes back in the [`Completion`]. Blocks first if the
     /// in-flight limits are reached.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(buf.len() as u64)?;
         Ok(self.conn.read(offset, buf, flags)?)
     }
 
     /// Queues a read that also reports every structured chunk.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn aio_pread_structured(
         &mut self,
         buf: BytesMut,
@@ -628,36 +695,60 @@ impl Client {
     }
 
     /// Queues a write of `data` at `offset` (sent without copying `data`).
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(data.len() as u64)?;
         Ok(self.conn.write(offset, data, flags)?)
     }
 
     /// Queues a flush.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn aio_flush(&mut self, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.flush(flags)?)
     }
 
     /// Queues a trim.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn aio_trim(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.trim(offset, count, flags)?)
     }
 
     /// Queues a cache (prefetch) hint.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn aio_cache(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.cache(offset, count, flags)?)
     }
 
     /// Queues a write-zeroes.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn aio_zero(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.write_zeroes(offset, count, flags)?)
     }
 
     /// Queues a block-status query.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.block_status(offset, count, flags)?)
@@ -719,6 +810,10 @@ impl Client {
     // ----- blocking API -----
 
     /// Reads `buf.len()` bytes at `offset` (all or nothing).
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn pread(&mut self, buf: &mut [u8], offset: u64, flags: u16) -> Result<()> {
         let mut b = self.spare.take().unwrap_or_default();
         b.resize(buf.len(), 0);
@@ -734,6 +829,10 @@ impl Client {
     }
 
     /// Reads into an owned buffer without any copy; returns it filled.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn pread_buf(&mut self, buf: BytesMut, offset: u64, flags: u16) -> Result<BytesMut> {
         let cookie = self.aio_pread(buf, offset, flags)?;
         let c = self.wait_ok(cookie)?;
@@ -742,6 +841,10 @@ impl Client {
 
     /// Reads with structured-reply details: returns the chunks seen as
     /// (offset, length, kind), in arrival order (libnbd's `pread_structured`).
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn pread_structured(
         &mut self,
         buf: &mut [u8],
@@ -760,35 +863,59 @@ impl Client {
     }
 
     /// Writes `buf` at `offset`.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn pwrite(&mut self, buf: &[u8], offset: u64, flags: u16) -> Result<()> {
         self.pwrite_bytes(Bytes::copy_from_slice(buf), offset, flags)
     }
 
     /// Writes an owned buffer at `offset` without copying it.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn pwrite_bytes(&mut self, data: Bytes, offset: u64, flags: u16) -> Result<()> {
         let cookie = self.aio_pwrite(data, offset, flags)?;
         self.wait_ok(cookie).map(|_| ())
     }
 
     /// Flushes the server's cache to stable storage.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn flush(&mut self, flags: u16) -> Result<()> {
         let c = self.aio_flush(flags)?;
         self.wait_ok(c).map(|_| ())
     }
 
     /// Trims (discards) `count` bytes at `offset`.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn trim(&mut self, count: u64, offset: u64, flags: u16) -> Result<()> {
         let c = self.aio_trim(count, offset, flags)?;
         self.wait_ok(c).map(|_| ())
     }
 
     /// Asks the server to prefetch `count` bytes at `offset`.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn cache(&mut self, count: u64, offset: u64, flags: u16) -> Result<()> {
         let c = self.aio_cache(count, offset, flags)?;
         self.wait_ok(c).map(|_| ())
     }
 
     /// Writes zeroes over `count` bytes at `offset`.
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn zero(&mut self, count: u64, offset: u64, flags: u16) -> Result<()> {
         let c = self.aio_zero(count, offset, flags)?;
         self.wait_ok(c).map(|_| ())
@@ -796,6 +923,10 @@ impl Client {
 
     /// Block status of `count` bytes at `offset` for every negotiated
     /// context: (context name, extents).
+    ///
+    /// If the connection has already ended: [`Error::Closed`]; if it is
+    /// alive but in the wrong phase: [`Error::Usage`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn block_status(
         &mut self,
         count: u64,
@@ -820,6 +951,12 @@ impl Client {
     /// Ends the connection politely: `NBD_CMD_DISC` after the requests in
     /// flight completed (or `NBD_OPT_ABORT` in option mode), then waits for
     /// the server to close.
+    ///
+    /// Returns `Ok(())` once the connection ended cleanly, including when it
+    /// already had (a repeated `shutdown`); [`Error::Closed`] with the reason
+    /// if it ended any other way, now or before. Every later call that needs
+    /// the connection fails with [`Error::Closed`]
+    /// ([details](Client#after-the-connection-ended)).
     pub fn shutdown(&mut self) -> Result<()> {
         match self.conn.phase() {
             Phase::Negotiating => self.opt_abort(),

@@ -8,7 +8,9 @@ use nbd_core::{CloseReason, CommandError, OptionError, OptionKind, UsageError};
 #[non_exhaustive]
 pub enum Error {
     /// The call was invalid now (wrong phase, strict-mode violation, ...);
-    /// nothing was sent and the connection is unchanged.
+    /// nothing was sent and the connection is unchanged. Only while the
+    /// connection is alive: once it has ended, a call that needs it is
+    /// [`Error::Closed`] instead, even one in the wrong phase.
     #[error(transparent)]
     Usage(#[from] UsageError),
     /// The server refused an option; in option mode the connection stays usable.
@@ -19,10 +21,21 @@ pub enum Error {
         /// The server's error and message.
         error: OptionError,
     },
-    /// The server reported an error for a command; the connection stays usable.
+    /// The server reported an error for a command; the connection stays
+    /// usable. Also a command that was in flight when the connection ended
+    /// ([`CommandError::ConnectionClosed`]); later calls then get
+    /// [`Error::Closed`].
     #[error(transparent)]
     Command(#[from] CommandError),
-    /// The connection is over (server hung up, protocol violation, abort...).
+    /// The connection is over, with the reason it ended: cleanly
+    /// ([`CloseReason::Disconnected`] after `shutdown`,
+    /// [`CloseReason::Aborted`] after `opt_abort`) or not (the server hung
+    /// up or broke the protocol, negotiation failed, the socket failed...).
+    ///
+    /// Returned by the call that was waiting on the server when it ended,
+    /// and then by every later call that needs the connection (`opt_*`,
+    /// `set_export_name`, `aio_*` and blocking commands), whether the end was
+    /// clean or not; a clean end is not an error for `shutdown` itself.
     #[error("{0}")]
     Closed(CloseReason),
     /// The socket failed.

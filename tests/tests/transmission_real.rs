@@ -1039,7 +1039,8 @@ fn err01_error_values_map_like_libnbd() {
 /// ERR-01 / rule 104: ESHUTDOWN means the server is going away. The
 /// failed command reports ConnectionAborted; the client then disconnects
 /// politely (NBD_CMD_DISC once nothing is in flight) and refuses new
-/// commands.
+/// commands: as a phase error while the server has not closed yet, as
+/// `Error::Closed(Disconnected)` once it has.
 #[test]
 fn err01_eshutdown_triggers_soft_disconnect() {
     let srv = nbdkit_with(
@@ -1053,7 +1054,8 @@ fn err01_eshutdown_triggers_soft_disconnect() {
         matches!(&e, Error::Command(ce) if ce.errno() == 108),
         "{e:?}"
     );
-    // The client has queued NBD_CMD_DISC: no new command is accepted.
+    // The client has queued NBD_CMD_DISC but the server has not closed yet:
+    // the connection is alive, so a new command is a phase error.
     let e = c.pwrite(&[1; 512], 0, 0).unwrap_err();
     assert!(
         matches!(e, Error::Usage(UsageError::WrongPhase { .. })),
@@ -1065,6 +1067,12 @@ fn err01_eshutdown_triggers_soft_disconnect() {
     assert_eq!(
         c.connection().close_reason(),
         Some(&CloseReason::Disconnected)
+    );
+    // Now the connection is over: a command reports why it ended.
+    let e = c.pwrite(&[1; 512], 0, 0).unwrap_err();
+    assert!(
+        matches!(e, Error::Closed(CloseReason::Disconnected)),
+        "{e:?}"
     );
 }
 
