@@ -1203,7 +1203,9 @@ fn info_failure_then_list_then_go() {
     s.join().unwrap();
 }
 
-/// Option-mode calls in the wrong phase are usage errors and send nothing.
+/// Option-mode calls in the wrong phase are usage errors and send nothing
+/// (the connection is alive; once it has ended they are `Error::Closed`, see
+/// `calls_after_the_end_report_the_close_reason`).
 #[test]
 fn usage_errors_send_nothing() {
     let s = FakeServer::start(|c| {
@@ -1228,6 +1230,151 @@ fn usage_errors_send_nothing() {
     ));
     c.shutdown().unwrap();
     s.join().unwrap();
+}
+
+/// How a connection ends in [`calls_after_the_end_report_the_close_reason`].
+#[derive(Debug, Clone, Copy)]
+enum End {
+    /// Option mode, `opt_abort`: clean, `Aborted`.
+    OptAbort,
+    /// Transmission, `shutdown`: clean, `Disconnected`.
+    Shutdown,
+    /// Option mode: the server hangs up instead of answering NBD_OPT_LIST.
+    DiesNegotiating,
+    /// Transmission: the server hangs up with a read in flight.
+    DiesReady,
+}
+
+/// Once the connection has ended, cleanly or not, an option-mode call and
+/// a command are refused alike: `Error::Closed` with the connection's close
+/// reason, whatever the call and whatever its arguments. While it is alive,
+/// the same calls in the wrong phase are `WrongPhase` usage errors.
+#[test]
+fn calls_after_the_end_report_the_close_reason() {
+    for end in [
+        End::OptAbort,
+        End::Shutdown,
+        End::DiesNegotiating,
+        End::DiesReady,
+    ] {
+        let s = FakeServer::start(move |c| match end {
+            End::OptAbort => {
+                greet(c)?;
+                expect_opt(c, OPT_ABORT)?;
+                c.send_ack(OPT_ABORT)
+            }
+            End::Shutdown => {
+                greet(c)?;
+                c.negotiate(&GoConfig::new(4096, FLAG_HAS_FLAGS))?;
+                c.serve(&mut disk(4096))?;
+                c.expect_eof()
+            }
+            End::DiesNegotiating => {
+                greet(c)?;
+                expect_opt(c, OPT_LIST)?;
+                hang_up(c).map(drop)
+            }
+            End::DiesReady => {
+                greet(c)?;
+                c.negotiate(&GoConfig::new(4096, FLAG_HAS_FLAGS))?;
+                let req = c.recv_request()?;
+                ensure(req.typ == CMD_READ, || format!("{req:?}"))?;
+                hang_up(c).map(drop)
+            }
+        });
+        let mut c = connect(&s, bare_opt_mode()).unwrap();
+        // Alive: a command in option mode is a phase error.
+        let e = c.pread(&mut [0u8; 512], 0, 0).unwrap_err();
+        assert!(
+            matches!(e, Error::Usage(UsageError::WrongPhase { .. })),
+            "{end:?}: pread while negotiating: {e:?}"
+        );
+        match end {
+            End::OptAbort => c.opt_abort().unwrap(),
+            End::Shutdown => {
+                c.opt_go().unwrap();
+                // Alive: an option after GO is a phase error.
+                let e = c.opt_list().unwrap_err();
+                assert!(
+                    matches!(e, Error::Usage(UsageError::WrongPhase { .. })),
+                    "{end:?}: opt_list after GO: {e:?}"
+                );
+                c.shutdown().unwrap();
+            }
+            End::DiesNegotiating => {
+                let (back, r) = guarded("opt_list", move || {
+                    let r = c.opt_list();
+                    (c, r)
+                });
+                c = back;
+                // The call that saw the end already reports it.
+                assert!(matches!(r, Err(Error::Closed(_))), "{end:?}: {r:?}");
+            }
+            End::DiesReady => {
+                c.opt_go().unwrap();
+                let (back, r) = guarded("pread", move || {
+                    let r = c.pread(&mut [0u8; 512], 0, 0);
+                    (c, r)
+                });
+                c = back;
+                assert!(r.is_err(), "{end:?}: the read in flight must fail");
+            }
+        }
+        let reason = c
+            .connection()
+            .close_reason()
+            .cloned()
+            .expect("the connection has ended");
+        match end {
+            End::OptAbort => {
+                assert_eq!(reason, CloseReason::Aborted);
+                assert_eq!(c.phase(), Phase::Closed);
+            }
+            End::Shutdown => {
+                assert_eq!(reason, CloseReason::Disconnected);
+                assert_eq!(c.phase(), Phase::Closed);
+            }
+            End::DiesNegotiating | End::DiesReady => {
+                assert!(
+                    matches!(reason, CloseReason::ServerKilledConnection { .. }),
+                    "{end:?}: {reason:?}"
+                );
+                assert_eq!(c.phase(), Phase::Dead);
+            }
+        }
+        // Every call that needs the connection: the same error, at once.
+        let calls: Vec<(&str, Result<(), Error>)> = vec![
+            ("opt_list", c.opt_list().map(drop)),
+            ("opt_info", c.opt_info()),
+            ("opt_go", c.opt_go()),
+            ("opt_abort", c.opt_abort()),
+            (
+                "opt_set_meta_context",
+                c.opt_set_meta_context(&["nocolon"]).map(drop),
+            ),
+            ("set_export_name", c.set_export_name("x")),
+            ("pread", c.pread(&mut [0u8; 512], 0, 0)),
+            ("pwrite", c.pwrite(&[1; 512], 0, 0)),
+            ("aio_flush", c.aio_flush(0).map(drop)),
+            ("block_status", c.block_status(512, 0, 0).map(drop)),
+        ];
+        for (call, r) in calls {
+            match r {
+                Err(Error::Closed(r)) => assert_eq!(r, reason, "{end:?}: {call}"),
+                other => panic!("{end:?}: {call}: want Error::Closed({reason:?}), got {other:?}"),
+            }
+        }
+        assert_eq!(c.aio_in_flight(), 0);
+        // Ending an ended connection again: Ok after a clean end, the
+        // reason after any other.
+        match (reason.is_clean(), c.shutdown()) {
+            (true, Ok(())) => {}
+            (false, Err(Error::Closed(r))) => assert_eq!(r, reason, "{end:?}: shutdown"),
+            (_, other) => panic!("{end:?}: shutdown: {other:?}"),
+        }
+        drop(c);
+        s.join().unwrap();
+    }
 }
 
 /// Rules 39 and 43: meta contexts need structured replies first. The
