@@ -400,9 +400,10 @@ fn main() {
         let requests = (total / rs).max(1) as f64;
         let allocs_per_req = allocs as f64 / requests;
         let st = lp.nbd.io_stats();
-        let calls = (st.reads + st.reads_blocked + st.writes + st.writes_blocked)
-            - (stats0.reads + stats0.reads_blocked + stats0.writes + stats0.writes_blocked)
-            + (lp.polls - polls0);
+        let sum = |s: &nbd_mio::IoStats| {
+            s.reads + s.reads_blocked + s.writes + s.writes_blocked + s.registry_calls
+        };
+        let calls = sum(&st) - sum(&stats0) + (lp.polls - polls0);
         let op = if o.write { "write" } else { "read" };
         if o.json {
             println!(

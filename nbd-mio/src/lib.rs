@@ -16,10 +16,13 @@
 //!    command completions ([`Event::CommandDone`] hands read buffers back),
 //!    and finally [`Event::Closed`]. Submit commands through
 //!    [`NbdConnection::conn_mut`] whenever you like; they only queue bytes;
-//! 3. [`NbdConnection::reregister`]: sends what was queued and keeps the
-//!    registered interest right (readable while the core expects bytes,
-//!    writable only while output waits for socket space), re-arming the
-//!    readiness when step 1 stopped early. Never skip it.
+//! 3. [`NbdConnection::reregister`]: sends what was queued and puts the
+//!    socket back in the registry with the interest it needs (readable
+//!    while the core expects bytes, writable only while output waits for
+//!    socket space), so that the next poll reports it, at once if step 1
+//!    stopped early. Never skip it: step 1 takes the socket out of the
+//!    registry while the connection drains it, so that the server's sends
+//!    wake no poller in the meantime (the way `poll(2)` clients wait).
 //!
 //! This program connects, reads the first 512 bytes of the export and
 //! disconnects:

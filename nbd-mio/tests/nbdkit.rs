@@ -134,10 +134,53 @@ fn opt_mode_list_go_and_64_requests_in_flight() {
     assert!(cmds.iter().all(|c| done.contains_key(c)));
 
     let stats = h.nbd.io_stats();
-    // Reading stopped early to hand completions over, and resumed.
-    assert!(stats.rearms > 0, "{stats:?}");
+    // The socket left the registry when events came and went back to wait.
+    assert!(stats.registry_calls >= 2, "{stats:?}");
     assert!(stats.bytes_written >= (N * LEN) as u64);
     assert!(stats.bytes_read >= (N * LEN) as u64);
+    disconnect(&mut h);
+}
+
+/// The socket is in the embedder's registry only while the connection
+/// waits for it: a readiness event takes it out (the server's sends then
+/// wake no poller while the connection works), `reregister` puts it back,
+/// and putting it back reports at once a reply that arrived meanwhile.
+#[test]
+fn the_socket_is_registered_only_while_the_connection_waits() {
+    let srv = Nbdkit::start(&["memory", "1M"]);
+    let nbd = NbdConnection::connect(&srv.uri(), Config::default()).expect("connect");
+    let mut h = Harness::new(nbd);
+    assert!(matches!(h.next_event(), Event::GoSucceeded(_)));
+
+    // The event that brought GO's reply took the socket out of the
+    // registry. A read sent now is answered, but no poll reports it.
+    let cookie = h
+        .nbd
+        .conn_mut()
+        .read(0, BytesMut::zeroed(4 * KIB), 0)
+        .expect("read");
+    h.nbd.flush();
+    assert!(!h.nbd.conn().wants_write(), "the request went out");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(h.poll_only(std::time::Duration::ZERO), 0);
+    assert_eq!(h.nbd.conn().in_flight(), 1);
+
+    // Back in the registry, the waiting reply is reported at once.
+    let calls = h.nbd.io_stats().registry_calls;
+    h.reregister();
+    assert_eq!(h.nbd.io_stats().registry_calls, calls + 1, "one add");
+    assert_eq!(h.poll_only(std::time::Duration::ZERO), 1);
+    assert_eq!(
+        h.nbd.io_stats().registry_calls,
+        calls + 2,
+        "and one removal"
+    );
+    assert!(complete_all(&mut h, 1).contains_key(&cookie));
+
+    // Nothing changed: reregistering twice costs one call, not two.
+    h.reregister();
+    h.reregister();
+    assert_eq!(h.nbd.io_stats().registry_calls, calls + 3);
     disconnect(&mut h);
 }
 

@@ -130,6 +130,28 @@ impl Harness {
         }
     }
 
+    /// Polls once without reregistering, waiting at most `timeout`; hands
+    /// the events to the connection and returns how many there were.
+    pub fn poll_only(&mut self, timeout: Duration) -> usize {
+        self.poll
+            .poll(&mut self.events, Some(timeout))
+            .expect("poll");
+        let mut n = 0;
+        for ev in self.events.iter() {
+            assert_eq!(ev.token(), NBD);
+            self.nbd.handle_event(ev);
+            n += 1;
+        }
+        n
+    }
+
+    /// Calls [`NbdConnection::reregister`] on this loop's registry.
+    pub fn reregister(&mut self) {
+        self.nbd
+            .reregister(self.poll.registry())
+            .expect("reregister");
+    }
+
     /// Turns the loop until `done` holds; any event on the way fails the test.
     pub fn run_until(&mut self, done: impl Fn(&NbdConnection) -> bool) {
         while !done(&self.nbd) {
