@@ -466,7 +466,15 @@ impl NbdConnection {
         }
         self.send();
         if readable {
+            let in_flight = self.conn.in_flight();
             self.recv();
+            if self.conn.in_flight() < in_flight {
+                // A reply means the server took in its request: the socket
+                // has room again. Do not wait for the writable event, which
+                // a Unix socket reports only once three quarters of its
+                // buffer have drained (the server may run dry meanwhile).
+                self.write_blocked = false;
+            }
             // Replies may have queued output (the next option, a DISC).
             self.send();
         }
