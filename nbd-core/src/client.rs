@@ -263,6 +263,15 @@ impl Connection {
         self.tx.len()
     }
 
+    /// True while a reply has started to arrive but is not complete: part
+    /// of its header, or its header and part of its payload, are in. The
+    /// rest is normally on its way already (servers write a reply as a
+    /// whole), so an adapter may try reading again shortly before it waits
+    /// for readiness. False in the negotiation phase.
+    pub fn reply_in_progress(&self) -> bool {
+        matches!(self.state, State::Transmission) && (self.rx.len() > 0 || self.xmit.mid_reply())
+    }
+
     /// True while the core expects bytes from the server (always, until the
     /// connection ends or while the adapter runs the TLS handshake).
     pub fn wants_read(&self) -> bool {

@@ -246,6 +246,12 @@ impl Transmission {
         }
     }
 
+    /// True between a reply's first byte and its last (the header alone
+    /// counts as a start only once parsed; see `Connection`).
+    pub(crate) fn mid_reply(&self) -> bool {
+        !matches!(self.rx, Rx::Header)
+    }
+
     fn large_payloads(&self) -> bool {
         self.in_flight > 0 && self.bytes_in_flight / self.in_flight as u64 >= DIRECT_READ_MIN
     }

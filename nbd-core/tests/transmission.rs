@@ -916,6 +916,47 @@ fn zero_copy_header_with_partial_payload() {
     h.done_ok(next);
 }
 
+/// `reply_in_progress` tells an adapter that the rest of a reply is on its
+/// way: true from a reply's first byte to its last, false between replies
+/// (and in negotiation), whatever the reply format.
+#[test]
+fn reply_in_progress_spans_first_byte_to_last() {
+    let mut fresh = Connection::new(Config::default());
+    assert!(!fresh.reply_in_progress(), "negotiation");
+    fresh.handle_input(&NBDMAGIC.to_be_bytes()[..3]);
+    assert!(!fresh.reply_in_progress(), "a partial greeting is no reply");
+
+    for mode in [Mode::Simple, Mode::Structured, Mode::Extended] {
+        let mut h = Setup::new(mode).connect();
+        assert!(!h.conn.reply_in_progress(), "{mode:?}: idle");
+        let c = h.read(0, 4096);
+        h.sent();
+        assert!(!h.conn.reply_in_progress(), "{mode:?}: request out");
+        let data = pattern(3, 4096);
+        let reply = if mode == Mode::Simple {
+            cat(&[&h.simple(0, c), &data])
+        } else {
+            h.chunk(DONE, chunk::OFFSET_DATA, c, &offset_data(0, &data))
+        };
+        let header = reply.len() - data.len();
+        // Any cut strictly inside the reply leaves it in progress.
+        for cut in [1, header - 1, header, header + 1, reply.len() - 1] {
+            let mut h2 = Setup::new(mode).connect();
+            let c2 = h2.read(0, 4096);
+            h2.sent();
+            assert_eq!(c2, c, "same cookie in a fresh connection");
+            h2.feed(&reply[..cut]);
+            assert!(h2.conn.reply_in_progress(), "{mode:?}: cut at {cut}");
+            h2.feed(&reply[cut..]);
+            assert!(!h2.conn.reply_in_progress(), "{mode:?}: complete");
+            h2.done_ok(c2);
+        }
+        h.feed(&reply);
+        assert!(!h.conn.reply_in_progress(), "{mode:?}: whole reply");
+        h.done_ok(c);
+    }
+}
+
 #[test]
 fn zero_copy_offset_data_chunk_targets_its_region() {
     let mut h = Setup::new(Mode::Structured).connect();
