@@ -425,10 +425,19 @@ fn main() {
                 gib / secs,
                 (usr + sys) / gib,
             );
+            let per = |now: u64, then: u64| (now - then) as f64 / requests;
             eprintln!(
                 "allocs_per_req={allocs_per_req:.4} allocs={allocs} requests={requests} \
-                 syscalls_per_req={:.3}",
+                 syscalls_per_req={:.3} (per request: reads {:.2}, empty reads {:.2}, \
+                 writes {:.2}, partial {:.2}, full {:.2}, polls {:.2}, registry {:.2})",
                 calls as f64 / requests,
+                per(st.reads, stats0.reads),
+                per(st.reads_blocked, stats0.reads_blocked),
+                per(st.writes, stats0.writes),
+                per(st.partial_writes, stats0.partial_writes),
+                per(st.writes_blocked, stats0.writes_blocked),
+                per(lp.polls, polls0),
+                per(st.registry_calls, stats0.registry_calls),
             );
         }
     }
