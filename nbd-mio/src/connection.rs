@@ -556,10 +556,13 @@ impl NbdConnection {
     }
 
     fn recv(&mut self) {
-        let mut retries = 0u32;
+        let mut retries = self.mid_reply_retries;
         self.read_pending = false;
         while self.conn.wants_read() {
             let in_flight = self.conn.in_flight();
+            // Once a reply has begun, its rest follows within microseconds:
+            // trying again at once costs less than a sleep and a wake-up.
+            let mid_reply = retries > 0 && self.conn.reply_in_progress();
             // A large read payload goes straight into its buffer, and the
             // replies behind it into the receive buffer, in one readv.
             let [first, second] = self.conn.recv_bufs();
@@ -569,11 +572,24 @@ impl NbdConnection {
                     .handle_transport_error("receive buffer full: the core cannot progress");
                 break;
             }
-            let r = if second.is_empty() {
-                self.stream.read(first)
-            } else {
-                self.stream
-                    .read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)])
+            let r = loop {
+                let r = if second.is_empty() {
+                    self.stream.read(first)
+                } else {
+                    self.stream
+                        .read_vectored(&mut [IoSliceMut::new(first), IoSliceMut::new(second)])
+                };
+                match r {
+                    Err(ref e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.stats.reads_blocked += 1;
+                        if !mid_reply || retries == 0 {
+                            break r;
+                        }
+                        retries -= 1;
+                    }
+                    Err(ref e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    r => break r,
+                }
             };
             match r {
                 Ok(0) => {
@@ -592,17 +608,7 @@ impl NbdConnection {
                         break;
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.stats.reads_blocked += 1;
-                    if retries < self.mid_reply_retries && self.conn.reply_in_progress() {
-                        // The rest of this reply is on its way: trying
-                        // again costs less than a sleep and a wake-up.
-                        retries += 1;
-                        continue;
-                    }
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     let m = self.io_failure("read", &e);
                     self.conn.handle_transport_error(m);
