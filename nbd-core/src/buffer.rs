@@ -74,8 +74,14 @@ const MAX_BYTES_PER_WRITE: usize = 1 << 20;
 /// One queued piece of output.
 #[derive(Debug)]
 enum Segment {
-    /// A request header, stored inline so that queuing it never allocates.
-    Inline { buf: [u8; 32], start: u8, end: u8 },
+    /// A request header, stored inline so that queuing it never allocates;
+    /// `payload` when the request's payload is the next segment.
+    Inline {
+        buf: [u8; 32],
+        start: u8,
+        end: u8,
+        payload: bool,
+    },
     /// An option message or a caller's write payload.
     Shared(Bytes),
 }
@@ -83,7 +89,9 @@ enum Segment {
 impl Segment {
     fn bytes(&self) -> &[u8] {
         match self {
-            Segment::Inline { buf, start, end } => &buf[*start as usize..*end as usize],
+            Segment::Inline {
+                buf, start, end, ..
+            } => &buf[*start as usize..*end as usize],
             Segment::Shared(b) => b,
         }
     }
@@ -98,6 +106,8 @@ pub(crate) struct SendQueue {
     segments: VecDeque<Segment>,
     scratch: BytesMut,
     queued: usize,
+    /// Part of a message has been sent and the rest has not.
+    mid_message: bool,
 }
 
 impl SendQueue {
@@ -137,12 +147,17 @@ impl SendQueue {
             buf,
             start: 0,
             end: n as u8,
+            payload: false,
         });
     }
 
-    /// Queues a payload without copying it.
+    /// Queues a payload without copying it, as the rest of the request
+    /// whose header was queued last.
     pub(crate) fn push_payload(&mut self, b: Bytes) {
         if !b.is_empty() {
+            if let Some(Segment::Inline { payload, .. }) = self.segments.back_mut() {
+                *payload = true;
+            }
             self.queued += b.len();
             self.segments.push_back(Segment::Shared(b));
         }
@@ -150,6 +165,11 @@ impl SendQueue {
 
     pub(crate) fn is_empty(&self) -> bool {
         self.queued == 0
+    }
+
+    /// True when part of a message is sent and the rest is still queued.
+    pub(crate) fn mid_message(&self) -> bool {
+        self.mid_message && self.queued > 0
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -187,14 +207,52 @@ impl SendQueue {
             let len = front.bytes().len();
             if n >= len {
                 n -= len;
+                self.mid_message = matches!(front, Segment::Inline { payload: true, .. });
                 self.segments.pop_front();
             } else {
                 match front {
                     Segment::Inline { start, .. } => *start += n as u8,
                     Segment::Shared(b) => b.advance(n),
                 }
+                self.mid_message = true;
                 n = 0;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request is in progress from its first byte sent until its last,
+    /// across the header and payload segments and whatever the write sizes.
+    #[test]
+    fn mid_message_spans_header_and_payload() {
+        let mut q = SendQueue::with_capacity(4);
+        q.push_header(&[1; 28]);
+        q.push_payload(Bytes::from(vec![2; 100]));
+        q.push_header(&[3; 28]);
+        assert!(!q.mid_message(), "nothing sent");
+        q.advance(10);
+        assert!(q.mid_message(), "part of the header");
+        q.advance(18);
+        assert!(q.mid_message(), "the header, not the payload");
+        q.advance(99);
+        assert!(q.mid_message(), "all but one payload byte");
+        q.advance(1);
+        assert!(!q.mid_message(), "the first request is out");
+        q.advance(27);
+        assert!(q.mid_message(), "a header without payload, partly");
+        q.advance(1);
+        assert!(!q.mid_message(), "everything is out");
+        assert!(q.is_empty());
+
+        q.push_message(|b| b.extend_from_slice(&[4; 16]));
+        q.advance(16);
+        assert!(!q.mid_message(), "an option message sent whole");
+        q.push_message(|b| b.extend_from_slice(&[5; 16]));
+        q.advance(8);
+        assert!(q.mid_message(), "an option message cut short");
     }
 }

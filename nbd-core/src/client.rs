@@ -272,6 +272,16 @@ impl Connection {
         matches!(self.state, State::Transmission) && (self.rx.len() > 0 || self.xmit.mid_reply())
     }
 
+    /// True while a message (a request, or an option in negotiation) has
+    /// been partly handed to [`Connection::transmitted`] and the rest is
+    /// still queued, for example a write payload cut short by a full
+    /// socket. Servers read a request as a whole, so room for the rest
+    /// normally comes within microseconds; an adapter may try writing again
+    /// shortly before it waits for the socket to become writable.
+    pub fn request_in_progress(&self) -> bool {
+        self.tx.mid_message()
+    }
+
     /// True while the core expects bytes from the server (always, until the
     /// connection ends or while the adapter runs the TLS handshake).
     pub fn wants_read(&self) -> bool {

@@ -96,7 +96,7 @@
 mod connection;
 mod error;
 
-pub use connection::{IoStats, NbdConnection, DEFAULT_MID_REPLY_RETRIES};
+pub use connection::{IoStats, NbdConnection, DEFAULT_MID_MESSAGE_RETRIES};
 pub use error::{Error, Result};
 pub use nbd_core::{
     self, CloseReason, CommandError, Config, Cookie, Event, ExportInfo, OptionKind, Phase, Strict,

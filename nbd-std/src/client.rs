@@ -18,9 +18,12 @@ use rustix::event::{poll, PollFd, PollFlags};
 
 use crate::error::{Error, Result};
 
-/// Immediate read retries when the socket runs empty in the middle of a
-/// reply, before waiting in poll(2) (a few microseconds at most).
-const MID_REPLY_RETRIES: u32 = 16;
+/// Immediate retries of a read that finds the socket empty in the middle
+/// of a reply, or of a write that finds it full in the middle of a request,
+/// before waiting in poll(2): a few microseconds at most (see nbd-mio's
+/// `set_mid_message_retries` for the reasoning and BENCHMARKS.md for the
+/// figures).
+const MID_MESSAGE_RETRIES: u32 = 16;
 
 /// The socket under a client.
 #[derive(Debug)]
@@ -250,6 +253,7 @@ impl Client {
     /// in poll(2) only if nothing could be done and `block` is set.
     fn pump(&mut self, block: bool) -> Result<()> {
         let mut progressed = false;
+        let mut write_retries = 0;
         // Write as much as the socket takes.
         while self.conn.wants_write() {
             let mut slices = [IoSlice::new(&[]); 64];
@@ -263,7 +267,15 @@ impl Client {
                     self.conn.transmitted(k);
                     progressed = true;
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    // The server is reading a request we began: room for
+                    // the rest comes sooner than poll(2) would report it.
+                    if write_retries < MID_MESSAGE_RETRIES && self.conn.request_in_progress() {
+                        write_retries += 1;
+                        continue;
+                    }
+                    break;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     if self.conn.is_finished() {
@@ -294,10 +306,8 @@ impl Client {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     // The rest of a reply that has begun follows within
-                    // microseconds: a few immediate retries cost less than
-                    // a poll(2) sleep and wake-up (see nbd-mio's
-                    // set_mid_reply_retries).
-                    if retries < MID_REPLY_RETRIES && self.conn.reply_in_progress() {
+                    // microseconds: retrying costs less than a poll(2).
+                    if retries < MID_MESSAGE_RETRIES && self.conn.reply_in_progress() {
                         retries += 1;
                         continue;
                     }
