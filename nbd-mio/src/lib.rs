@@ -11,7 +11,10 @@
 //! Each turn:
 //! 1. [`NbdConnection::handle_event`] for every event with the connection's
 //!    token: it writes and reads (until the socket would block, or until
-//!    commands completed, so that you can submit more at once);
+//!    commands completed, so that you can submit more at once). A read or
+//!    write that would block in the middle of a reply or request is tried
+//!    again a few times at once, since the rest is microseconds away
+//!    ([`NbdConnection::set_mid_message_retries`]);
 //! 2. [`NbdConnection::poll_event`] until `None`: negotiation results,
 //!    command completions ([`Event::CommandDone`] hands read buffers back),
 //!    and finally [`Event::Closed`]. Submit commands through
