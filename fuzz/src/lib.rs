@@ -336,6 +336,10 @@ impl Driver {
                     take
                 };
                 self.conn.transmitted(n);
+                assert!(
+                    !self.conn.request_in_progress() || self.conn.wants_write(),
+                    "a request in progress with nothing left to send"
+                );
             },
         }
         assert_eq!(
@@ -344,6 +348,10 @@ impl Driver {
             "bytes sent differ from queued_bytes()"
         );
         assert!(!self.conn.wants_write(), "output left after draining");
+        assert!(
+            !self.conn.request_in_progress(),
+            "a request in progress after draining"
+        );
     }
 
     fn on_event(&mut self, ev: Event) {
@@ -597,6 +605,10 @@ pub fn run_state_machine(data: &[u8]) {
             };
             let (piece, tail) = rest.split_at(n.min(rest.len()));
             feed(&mut d.conn, piece, setup.recv_path);
+            assert!(
+                !d.conn.reply_in_progress() || d.conn.wants_read(),
+                "a reply in progress on a connection that reads no more"
+            );
             d.pump(&mut out);
             rest = tail;
         }
