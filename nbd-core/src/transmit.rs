@@ -702,25 +702,34 @@ impl Connection {
         self.issue(cmd::WRITE, flags, offset, len, None, Some(data), false)
     }
 
+    /// Checks and queues a command that carries no payload and expects no
+    /// data back (flush, trim, cache, write zeroes, block status).
+    fn bare_command(
+        &mut self,
+        call: &'static str,
+        typ: u16,
+        offset: u64,
+        length: u64,
+        flags: u16,
+    ) -> Result<Cookie, UsageError> {
+        self.need_ready(call)?;
+        let flags = self.check_command(typ, flags, offset, length)?;
+        self.issue(typ, flags, offset, length, None, None, false)
+    }
+
     /// Queues `NBD_CMD_FLUSH`.
     pub fn flush(&mut self, flags: u16) -> Result<Cookie, UsageError> {
-        self.need_ready("flush")?;
-        let flags = self.check_command(cmd::FLUSH, flags, 0, 0)?;
-        self.issue(cmd::FLUSH, flags, 0, 0, None, None, false)
+        self.bare_command("flush", cmd::FLUSH, 0, 0, flags)
     }
 
     /// Queues `NBD_CMD_TRIM` of `length` bytes at `offset` (flags: `FUA`).
     pub fn trim(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie, UsageError> {
-        self.need_ready("trim")?;
-        let flags = self.check_command(cmd::TRIM, flags, offset, length)?;
-        self.issue(cmd::TRIM, flags, offset, length, None, None, false)
+        self.bare_command("trim", cmd::TRIM, offset, length, flags)
     }
 
     /// Queues `NBD_CMD_CACHE` (a prefetch hint).
     pub fn cache(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie, UsageError> {
-        self.need_ready("cache")?;
-        let flags = self.check_command(cmd::CACHE, flags, offset, length)?;
-        self.issue(cmd::CACHE, flags, offset, length, None, None, false)
+        self.bare_command("cache", cmd::CACHE, offset, length, flags)
     }
 
     /// Queues `NBD_CMD_WRITE_ZEROES` (libnbd's `zero`; flags: `FUA`,
@@ -731,9 +740,7 @@ impl Connection {
         length: u64,
         flags: u16,
     ) -> Result<Cookie, UsageError> {
-        self.need_ready("zero")?;
-        let flags = self.check_command(cmd::WRITE_ZEROES, flags, offset, length)?;
-        self.issue(cmd::WRITE_ZEROES, flags, offset, length, None, None, false)
+        self.bare_command("zero", cmd::WRITE_ZEROES, offset, length, flags)
     }
 
     /// Queues `NBD_CMD_BLOCK_STATUS` for every negotiated context (flags:
@@ -744,9 +751,7 @@ impl Connection {
         length: u64,
         flags: u16,
     ) -> Result<Cookie, UsageError> {
-        self.need_ready("block_status")?;
-        let flags = self.check_command(cmd::BLOCK_STATUS, flags, offset, length)?;
-        self.issue(cmd::BLOCK_STATUS, flags, offset, length, None, None, false)
+        self.bare_command("block_status", cmd::BLOCK_STATUS, offset, length, flags)
     }
 
     /// Queues `NBD_CMD_BLOCK_STATUS` limited to the given context ids (needs
