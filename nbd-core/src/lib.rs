@@ -17,11 +17,15 @@
 //!
 //! ## The contract of [`Connection`]
 //! - **Getters** (`&self`): [`Connection::phase`], [`Connection::export_info`],
-//!   [`Connection::in_flight`], what was negotiated.
+//!   [`Connection::in_flight`], what was negotiated; for adapters deciding
+//!   whether to wait, [`Connection::reply_in_progress`] and
+//!   [`Connection::request_in_progress`] (a message is half through the
+//!   socket, so the rest is microseconds away).
 //! - **Input**: [`Connection::recv_buf`] + [`Connection::recv_commit`] (read
 //!   straight into the core's buffer, or into a read's destination buffer
-//!   while its payload arrives), or [`Connection::handle_input`] (copying);
-//!   [`Connection::handle_eof`] when the server closes.
+//!   while its payload arrives; [`Connection::recv_bufs`] adds the room for
+//!   the next headers, for one `readv`), or [`Connection::handle_input`]
+//!   (copying); [`Connection::handle_eof`] when the server closes.
 //! - **Commands** queue work and return at once: `opt_list`, `opt_info`,
 //!   `opt_go`, ... in option mode; [`Connection::read`],
 //!   [`Connection::write`], ... once ready. Misuse is a [`UsageError`]
