@@ -957,6 +957,31 @@ fn reply_in_progress_spans_first_byte_to_last() {
     }
 }
 
+/// `request_in_progress` tells an adapter that the server is reading a
+/// request of ours: true from its first byte sent to its last, across the
+/// header and the write payload, false between requests.
+#[test]
+fn request_in_progress_spans_header_and_payload() {
+    let mut h = Setup::new(Mode::Structured).connect();
+    h.write(0, &pattern(1, 1000));
+    h.flush();
+    assert!(!h.conn.request_in_progress(), "nothing sent yet");
+    let total = h.conn.queued_bytes();
+    assert_eq!(total, 28 + 1000 + 28);
+    for (n, mid) in [
+        (1, true),
+        (27, true),
+        (999, true),
+        (1, false),
+        (10, true),
+        (18, false),
+    ] {
+        h.conn.transmitted(n);
+        assert_eq!(h.conn.request_in_progress(), mid, "after {n} more bytes");
+    }
+    assert!(!h.conn.wants_write());
+}
+
 #[test]
 fn zero_copy_offset_data_chunk_targets_its_region() {
     let mut h = Setup::new(Mode::Structured).connect();
