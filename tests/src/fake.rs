@@ -1393,16 +1393,8 @@ mod tests {
             assert!(neg.structured_replies);
             c.serve(&mut vec![0u8; 1 << 20])
         });
-        let out = Command::new("nbdinfo")
-            .args(["--size", &server.uri()])
-            .output()
-            .expect("run nbdinfo");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1048576");
+        let size = crate::servers::nbdinfo(&["--size", &server.uri()]);
+        assert_eq!(size.trim(), "1048576");
         server.join().unwrap();
     }
 

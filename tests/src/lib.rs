@@ -32,6 +32,6 @@ pub mod servers;
 
 pub use fake::{FakeConn, FakeServer, GoConfig, Negotiated, Request};
 pub use servers::{
-    make_file, make_sparse_file, nbd_server, nbdkit, nbdkit_tcp, nbdkit_with, pid_alive, qemu_nbd,
-    qemu_storage_daemon, scratch_dir, Server,
+    make_file, make_sparse_file, nbd_server, nbdinfo, nbdkit, nbdkit_tcp, nbdkit_with, pid_alive,
+    qemu_nbd, qemu_storage_daemon, scratch_dir, Server,
 };

@@ -514,6 +514,21 @@ pub fn nbd_server(exports: &[NbdServerExport<'_>]) -> Server {
 
 // ---------------------------------------------------------------- helpers (public)
 
+/// Runs `nbdinfo ARGS...` (libnbd's tool, the tests' oracle) and returns
+/// its standard output; panics with its standard error if it fails.
+pub fn nbdinfo(args: &[&str]) -> String {
+    let out = Command::new("nbdinfo")
+        .args(args)
+        .output()
+        .expect("run nbdinfo");
+    assert!(
+        out.status.success(),
+        "nbdinfo {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("nbdinfo output is UTF-8")
+}
+
 /// Creates a private temporary directory for test data (disk images) that
 /// must exist before a server starts. It is removed when the returned value
 /// is dropped; keep it alive as long as the server.
@@ -808,7 +823,6 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::os::unix::net::UnixStream;
-    use std::process::Command;
 
     /// Reads the first 8 bytes a fresh connection gets.
     fn greeting_magic(stream: &mut impl Read) -> [u8; 8] {
@@ -821,21 +835,6 @@ mod tests {
         let mut c = UnixStream::connect(s.socket()).expect("connect");
         c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         greeting_magic(&mut c)
-    }
-
-    /// Runs nbdinfo (libnbd) with `args`; returns stdout, panicking with
-    /// stderr on failure.
-    fn nbdinfo(args: &[&str]) -> String {
-        let out = Command::new("nbdinfo")
-            .args(args)
-            .output()
-            .expect("run nbdinfo");
-        assert!(
-            out.status.success(),
-            "nbdinfo {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
     }
 
     fn assert_stops_on_drop(s: Server) {

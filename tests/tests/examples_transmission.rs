@@ -21,7 +21,8 @@ use nbd_std::{Client, Config};
 use nbd_tests::fake::FakeServer;
 use nbd_tests::proto::*;
 use nbd_tests::{
-    make_file, make_sparse_file, nbd_server, nbdkit, nbdkit_with, qemu_nbd, scratch_dir, Server,
+    make_file, make_sparse_file, nbd_server, nbdinfo, nbdkit, nbdkit_with, qemu_nbd, scratch_dir,
+    Server,
 };
 
 /// Longest any example may run before the test fails.
@@ -302,16 +303,7 @@ fn nbdinfo_flags(target: &str) -> HashMap<String, bool> {
     } else {
         format!("nbd+unix:///?socket={target}")
     };
-    let out = Command::new("nbdinfo")
-        .args(["--json", &uri])
-        .output()
-        .expect("run nbdinfo");
-    assert!(
-        out.status.success(),
-        "nbdinfo --json {uri}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json = String::from_utf8(out.stdout).expect("UTF-8 JSON");
+    let json = nbdinfo(&["--json", &uri]);
     let mut flags = HashMap::new();
     for line in json.lines() {
         let line = line.trim().trim_end_matches(',');

@@ -17,7 +17,9 @@ use nbd_mio::{Event as MioEvent, NbdConnection};
 
 use nbd_std::nbd_core::{CloseReason, OptionKind, RepError, UsageError};
 use nbd_std::{Client, Config, Error, Phase};
-use nbd_tests::{make_file, nbd_server, nbdkit, nbdkit_tcp, nbdkit_with, qemu_nbd, scratch_dir};
+use nbd_tests::{
+    make_file, nbd_server, nbdinfo, nbdkit, nbdkit_tcp, nbdkit_with, qemu_nbd, scratch_dir,
+};
 
 // ------------------------------------------------------------------ helpers
 
@@ -31,20 +33,6 @@ fn opt_mode() -> Config {
 /// Byte `i` of the test images.
 fn pattern(i: u64) -> u8 {
     (i % 251) as u8 ^ 0x5a
-}
-
-/// Runs `nbdinfo --json URI` (libnbd, the oracle) and returns its output.
-fn nbdinfo_json(uri: &str) -> String {
-    let out = Command::new("nbdinfo")
-        .args(["--json", uri])
-        .output()
-        .expect("run nbdinfo");
-    assert!(
-        out.status.success(),
-        "nbdinfo --json {uri} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("nbdinfo output is UTF-8")
 }
 
 /// The raw text of `"key": VALUE` in nbdinfo's JSON (one value per line).
@@ -62,7 +50,7 @@ fn json_value<'a>(json: &'a str, key: &str) -> &'a str {
 /// Checks size, every can_*/is_* flag, block sizes and the structured-reply
 /// verdict of `c` against what libnbd sees on the same export.
 fn assert_matches_nbdinfo(c: &Client, uri: &str) {
-    let json = nbdinfo_json(uri);
+    let json = nbdinfo(&["--json", uri]);
     assert_eq!(
         json_value(&json, "export-size"),
         c.get_size().unwrap().to_string(),
@@ -622,7 +610,7 @@ fn nbd_server_several_exports() {
     assert!(c.export_info().unwrap().is_read_only());
     assert_eq!(read_back(&mut c, 0, 4096), [0xaa; 4096]);
     // libnbd is fooled by the INFO quirk: nbdinfo reports size 0 too.
-    let json = nbdinfo_json(&s.uri_for("beta"));
+    let json = nbdinfo(&["--json", &s.uri_for("beta")]);
     assert_eq!(json_value(&json, "export-size"), "0", "{json}");
     assert_flags_match(&c, &json);
     c.shutdown().unwrap();
