@@ -492,8 +492,10 @@ pub fn nbd_server(exports: &[NbdServerExport<'_>]) -> Server {
         Some(p) => p,
         None => panic!("{}", fail("no pid file".into())),
     };
-    if wait_until(|| (sock.exists() || !pid_alive(pid)).then_some(())).is_none() || !pid_alive(pid)
-    {
+    // The socket file appears at bind(), before listen(): wait until a
+    // connection is accepted (nbd-server drops this probe quietly).
+    let listening = || std::os::unix::net::UnixStream::connect(&sock).is_ok();
+    if wait_until(|| (listening() || !pid_alive(pid)).then_some(())).is_none() || !pid_alive(pid) {
         stop_daemon(pid, true);
         panic!(
             "{}",
