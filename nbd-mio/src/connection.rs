@@ -31,18 +31,6 @@ pub const DEFAULT_MID_MESSAGE_RETRIES: u32 = 16;
 /// Message used when the core asks for TLS, which this adapter lacks.
 const NO_TLS: &str = "TLS is not supported by nbd-mio yet";
 
-/// The interest a live connection needs: readable while the core expects
-/// bytes, writable while output waits (after a flush, only when the socket
-/// was full).
-fn interest_of(conn: &Connection) -> Option<Interest> {
-    match (conn.wants_read(), conn.wants_write()) {
-        (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
-        (true, false) => Some(Interest::READABLE),
-        (false, true) => Some(Interest::WRITABLE),
-        (false, false) => None,
-    }
-}
-
 /// The socket under a connection.
 #[derive(Debug)]
 enum Stream {
@@ -356,16 +344,12 @@ impl NbdConnection {
     /// next poll comes back at once for the rest.
     pub fn reregister(&mut self, registry: &Registry) -> Result<()> {
         self.flush();
+        let wanted = self.interest();
         let Some(reg) = &mut self.registration else {
             return Err(Error::io(
                 "reregister",
                 io::Error::new(io::ErrorKind::NotConnected, "call register first"),
             ));
-        };
-        let wanted = if self.shut {
-            None
-        } else {
-            interest_of(&self.conn)
         };
         let pending =
             std::mem::take(&mut self.read_pending) | std::mem::take(&mut self.write_pending);
@@ -414,7 +398,13 @@ impl NbdConnection {
         if self.shut {
             return None;
         }
-        interest_of(&self.conn)
+        // Output is queued after a flush only if the socket was full.
+        match (self.conn.wants_read(), self.conn.wants_write()) {
+            (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+            (true, false) => Some(Interest::READABLE),
+            (false, true) => Some(Interest::WRITABLE),
+            (false, false) => None,
+        }
     }
 
     /// The token given to [`NbdConnection::register`], if registered.
