@@ -222,6 +222,12 @@ impl Connection {
         self.events.pop_front()
     }
 
+    /// True while events wait to be taken with [`Connection::poll_event`];
+    /// adapters check it to decide whether to do more I/O first.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     /// Fills `out` with the queued bytes to send, in order, for one vectored
     /// write; returns how many slices were filled. Follow with
     /// [`Connection::transmitted`].

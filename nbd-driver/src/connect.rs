@@ -195,7 +195,10 @@ mod tests {
     #[test]
     fn every_resolved_address_is_tried() {
         // A port nobody listens on (bound, then closed), then a listener.
-        let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let live = l.local_addr().unwrap();
         let s = connect_tcp_addrs(&[dead, live]).unwrap();
@@ -211,10 +214,16 @@ mod tests {
 
     #[test]
     fn last_address_error_is_reported() {
-        let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
         let e = connect_tcp_addrs(&[dead, dead]).unwrap_err();
         let m = e.to_string();
-        assert!(m.contains(&dead.to_string()) && m.contains("1 other"), "{m}");
+        assert!(
+            m.contains(&dead.to_string()) && m.contains("1 other"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -58,7 +58,7 @@ pub mod demux;
 pub mod driver;
 pub mod transport;
 
-pub use connect::{connect, connect_tcp, connect_uri, connect_unix, ConnectError, Connected};
+pub use connect::{connect, connect_tcp, connect_unix, connect_uri, ConnectError, Connected};
 pub use demux::{Completion, Demux};
 pub use driver::{Driver, Interest, IoStats, Progress, RecvUntil, DEFAULT_MID_MESSAGE_RETRIES};
 pub use transport::{Socket, Transport};

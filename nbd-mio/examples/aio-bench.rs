@@ -220,19 +220,9 @@ struct Loop {
 }
 
 impl Loop {
-    /// Sends what is queued, waits for readiness and handles it.
+    /// Waits for readiness and hands it to the connection; the drain of
+    /// `poll_event` that follows does the rest of the I/O.
     fn turn(&mut self) {
-        if self.nbd.io_pending() {
-            // The connection stopped early with input or output known to be
-            // waiting (to hand completions over): take it straight away
-            // instead of a round through epoll_ctl and epoll_wait.
-            self.nbd.flush();
-            self.nbd.on_ready(true, false);
-            return;
-        }
-        if let Err(e) = self.nbd.reregister(self.poll.registry()) {
-            die(e);
-        }
         if let Err(e) = self.poll.poll(&mut self.events, None) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 die(format!("poll: {e}"));
@@ -245,6 +235,32 @@ impl Loop {
             }
         }
     }
+}
+
+/// Issues the next request on slot `i`, if any bytes are left to issue.
+fn submit(
+    nbd: &mut NbdConnection,
+    s: &mut Slot,
+    next: &mut u64,
+    total: u64,
+    size: u64,
+    o: &Opts,
+) -> bool {
+    if *next >= total {
+        return false;
+    }
+    let rs = o.reqsize;
+    let off = *next % size;
+    s.offset = off;
+    let c = if o.write {
+        nbd.write(off, s.wbuf.clone(), 0)
+    } else {
+        let buf = s.rbuf.take().unwrap_or_default();
+        nbd.read(off, buf, 0)
+    };
+    s.cookie = Some(c.unwrap_or_else(|e| die(e)));
+    *next += rs;
+    true
 }
 
 fn main() {
@@ -323,12 +339,9 @@ fn main() {
             }
         })
         .collect();
-    let mut free: Vec<usize> = Vec::with_capacity(depth);
     let structured = lp.nbd.conn().structured_replies_negotiated();
 
     for iteration in 0..o.iterations {
-        free.clear();
-        free.extend((0..depth).rev());
         let mut bytes_done = 0u64;
         let mut next = 0u64;
         let mut first_error = None;
@@ -339,21 +352,15 @@ fn main() {
         let (usr0, sys0) = cpu_times();
         let t0 = Instant::now();
 
-        while bytes_done < total {
-            while next < total {
-                let Some(i) = free.pop() else { break };
-                let s = &mut slots[i];
-                let off = next % size;
-                s.offset = off;
-                let c = if o.write {
-                    lp.nbd.conn_mut().write(off, s.wbuf.clone(), 0)
-                } else {
-                    let buf = s.rbuf.take().unwrap_or_default();
-                    lp.nbd.conn_mut().read(off, buf, 0)
-                };
-                s.cookie = Some(c.unwrap_or_else(|e| die(e)));
-                next += rs;
+        // The first DEPTH requests; then a new one as each completes,
+        // submitted inside the drain of events so that one vectored write
+        // takes the batch.
+        for i in 0..depth {
+            if !submit(&mut lp.nbd, &mut slots[i], &mut next, total, size, &o) {
+                break;
             }
+        }
+        while bytes_done < total {
             lp.turn();
             while let Some(ev) = lp.nbd.poll_event() {
                 match ev {
@@ -381,7 +388,7 @@ fn main() {
                             Ok(()) => {}
                         }
                         bytes_done += rs;
-                        free.push(i);
+                        submit(&mut lp.nbd, s, &mut next, total, size, &o);
                     }
                     Event::Closed(r) => die(r),
                     _ => {}
@@ -401,7 +408,7 @@ fn main() {
         let allocs_per_req = allocs as f64 / requests;
         let st = lp.nbd.io_stats();
         let sum = |s: &nbd_mio::IoStats| {
-            s.reads + s.reads_blocked + s.writes + s.writes_blocked + s.registry_calls
+            s.reads + s.reads_blocked + s.writes + s.writes_blocked + s.waits
         };
         let calls = sum(&st) - sum(&stats0) + (lp.polls - polls0);
         let op = if o.write { "write" } else { "read" };
@@ -437,13 +444,13 @@ fn main() {
                 per(st.partial_writes, stats0.partial_writes),
                 per(st.writes_blocked, stats0.writes_blocked),
                 per(lp.polls, polls0),
-                per(st.registry_calls, stats0.registry_calls),
+                per(st.waits, stats0.waits),
             );
         }
     }
 
     // Orderly end: NBD_CMD_DISC, then wait for the server to close.
-    if let Err(e) = lp.nbd.conn_mut().disconnect() {
+    if let Err(e) = lp.nbd.disconnect() {
         die(e);
     }
     loop {

@@ -76,9 +76,6 @@ impl Driver {
                 let why = self.nbd.conn().close_reason().cloned();
                 return Err(why.map_or("connection closed".into(), |r| r.to_string()));
             }
-            self.nbd
-                .reregister(self.poll.registry())
-                .map_err(|e| e.to_string())?;
             self.poll
                 .poll(&mut self.events, None)
                 .map_err(|e| format!("poll: {e}"))?;
@@ -132,9 +129,9 @@ fn run(target: &str, input: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
         return Err(NO_LISTING.into());
     }
 
-    match d.nbd.conn_mut().opt_list() {
+    match d.nbd.opt_list() {
         Ok(()) => {}
-        Err(UsageError::Unsupported(_)) => return Err(NO_LISTING.into()),
+        Err(nbd_mio::Error::Usage(UsageError::Unsupported(_))) => return Err(NO_LISTING.into()),
         Err(e) => return Err(ctx(e.to_string())),
     }
     let mut exports = Vec::new();
@@ -177,10 +174,7 @@ fn run(target: &str, input: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
         .parse()
         .map_err(|_| format!("invalid index {:?}", line.trim()))?;
     if i == -1 {
-        d.nbd
-            .conn_mut()
-            .opt_abort()
-            .map_err(|e| ctx(e.to_string()))?;
+        d.nbd.opt_abort().map_err(|e| ctx(e.to_string()))?;
         return d.run_to_close().map_err(ctx);
     }
     let Some((name, _)) = usize::try_from(i).ok().and_then(|i| exports.get(i)) else {
@@ -189,11 +183,9 @@ fn run(target: &str, input: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
 
     writeln!(out, "Connecting to {name} ...").map_err(w)?;
     d.nbd
-        .conn_mut()
         .set_export_name(name)
         .map_err(|e| ctx(e.to_string()))?;
     d.nbd
-        .conn_mut()
         .opt_go()
         .map_err(|e| format!("{target}: {name}: {e}"))?;
     let size = d
@@ -209,9 +201,6 @@ fn run(target: &str, input: &mut dyn BufRead, out: &mut dyn Write) -> Result<(),
         .map_err(|e| format!("{target}: {name}: {e}"))?;
     writeln!(out, "{target}: {name}: size = {size} bytes").map_err(w)?;
 
-    d.nbd
-        .conn_mut()
-        .disconnect()
-        .map_err(|e| ctx(e.to_string()))?;
+    d.nbd.disconnect().map_err(|e| ctx(e.to_string()))?;
     d.run_to_close().map_err(ctx)
 }

@@ -45,5 +45,32 @@ impl Error {
     }
 }
 
+impl From<nbd_driver::ConnectError> for Error {
+    fn from(e: nbd_driver::ConnectError) -> Self {
+        use nbd_driver::ConnectError as C;
+        match e {
+            C::Uri(u) => Error::Uri(u),
+            C::Unsupported(m) => Error::Unsupported(m),
+            C::Io { context, source } => Error::Io { context, source },
+            other => Error::Unsupported(other.to_string()),
+        }
+    }
+}
+
+impl From<Error> for std::io::Error {
+    fn from(e: Error) -> Self {
+        use std::io::ErrorKind as K;
+        let kind = match &e {
+            Error::Io { source, .. } => source.kind(),
+            Error::Uri(_) | Error::Usage(_) => K::InvalidInput,
+            Error::Unsupported(_) => K::Unsupported,
+        };
+        match e {
+            Error::Io { source, .. } => source,
+            other => std::io::Error::new(kind, other),
+        }
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,97 +1,21 @@
 //! [`Client`]: one NBD connection over a Unix or TCP socket, driven by
 //! `nbd-core`, with libnbd's blocking API and a pipelined (aio) API.
 
-use std::collections::HashMap;
-use std::io::{IoSlice, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsFd, BorrowedFd};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
-use nbd_core::uri::{NbdUri, Transport};
 use nbd_core::{
-    BlockSize, CloseReason, CommandError, Config, Connection, Cookie, Event, ExportInfo, Extent,
-    OptionKind, Phase, Protocol, ReadChunkKind, UsageError,
+    BlockSize, CloseReason, Config, Connection, Cookie, Event, ExportInfo, Extent, OptionKind,
+    Phase, Protocol, ReadChunkKind, UsageError,
 };
+use nbd_driver::{Completion, Demux, Driver, RecvUntil, Socket};
 use rustix::event::{poll, PollFd, PollFlags};
 
 use crate::error::{Error, Result};
 
-/// Immediate retries of a read that finds the socket empty in the middle
-/// of a reply, or of a write that finds it full in the middle of a request,
-/// before waiting in poll(2): a few microseconds at most (see nbd-mio's
-/// `set_mid_message_retries` for the reasoning and BENCHMARKS.md for the
-/// figures).
-const MID_MESSAGE_RETRIES: u32 = 16;
-
-/// The socket under a client.
-#[derive(Debug)]
-pub(crate) enum Stream {
-    Unix(UnixStream),
-    Tcp(TcpStream),
-}
-
-impl Stream {
-    fn set_nonblocking(&self) -> std::io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_nonblocking(true),
-            Stream::Tcp(s) => s.set_nonblocking(true),
-        }
-    }
-    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.read(b),
-            Stream::Tcp(s) => s.read(b),
-        }
-    }
-    fn write_vectored(&mut self, b: &[IoSlice<'_>]) -> std::io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write_vectored(b),
-            Stream::Tcp(s) => s.write_vectored(b),
-        }
-    }
-    fn shutdown(&self) {
-        let _ = match self {
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
-            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-        };
-    }
-    fn shutdown_write(&self) {
-        let _ = match self {
-            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Write),
-            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
-        };
-    }
-}
-
-impl AsFd for Stream {
-    fn as_fd(&self) -> BorrowedFd<'_> {
-        match self {
-            Stream::Unix(s) => s.as_fd(),
-            Stream::Tcp(s) => s.as_fd(),
-        }
-    }
-}
-
-/// A completed command, as returned by the pipelined API.
-#[derive(Debug)]
-pub struct Completion {
-    /// Outcome.
-    pub result: std::result::Result<(), CommandError>,
-    /// The read buffer, handed back (reads only).
-    pub buffer: Option<BytesMut>,
-    /// Block status answers: (context id, extents).
-    pub extents: Vec<(u32, Vec<Extent>)>,
-    /// Structured read chunks: (offset, length, kind), for reads issued with chunk reporting.
-    pub chunks: Vec<(u64, u64, ReadChunkKind)>,
-}
-
-#[derive(Debug, Default)]
-struct Partial {
-    extents: Vec<(u32, Vec<Extent>)>,
-    chunks: Vec<(u64, u64, ReadChunkKind)>,
-}
+/// Reads per turn before queued requests get a look in (each read takes
+/// as much as the socket holds, up to the receive buffer).
+const READS_PER_TURN: u32 = 16;
 
 /// One blocking NBD connection with libnbd's API shape.
 ///
@@ -125,10 +49,9 @@ struct Partial {
 #[derive(Debug)]
 pub struct Client {
     conn: Connection,
-    stream: Stream,
-    target: String,
-    done: HashMap<Cookie, Completion>,
-    partial: HashMap<Cookie, Partial>,
+    socket: Socket,
+    driver: Driver,
+    demux: Demux,
     listed: Vec<(String, String)>,
     contexts: Vec<String>,
     opt_result: Option<std::result::Result<OptionKind, Error>>,
@@ -139,80 +62,55 @@ pub struct Client {
 
 impl Client {
     /// Connects to `target`: an NBD URI (`nbd://`, `nbd+unix://`) or a Unix
-    /// socket path. The URI's export name overrides `cfg.export_name`.
-    pub fn connect(target: &str, cfg: Config) -> Result<Client> {
-        if nbd_core::uri::is_nbd_uri(target) {
-            Client::connect_uri(target, cfg)
-        } else {
-            Client::connect_unix(target, cfg)
-        }
+    /// socket path, and runs the handshake (to the transmission phase, or
+    /// to option mode with [`Config::opt_mode`]). The URI's export name
+    /// overrides `cfg.export_name`.
+    pub fn connect(target: &str, mut cfg: Config) -> Result<Client> {
+        let c = nbd_driver::connect(target, &mut cfg)?;
+        Client::handshake(c.socket, c.target, cfg)
     }
 
-    /// Connects to an NBD URI (the export name comes from the URI).
+    /// Connects to an NBD URI (the export name comes from the URI) and runs
+    /// the handshake. TLS URIs are refused with [`Error::Unsupported`]
+    /// before anything is sent.
     pub fn connect_uri(uri: &str, mut cfg: Config) -> Result<Client> {
-        let u = NbdUri::parse(uri)?;
-        if u.tls {
-            // Rule 120: a client without TLS fails on URIs that require it.
-            return Err(Error::Unsupported(format!(
-                "{}: TLS (nbds URIs) is not supported yet",
-                u.scheme()
-            )));
-        }
-        cfg.export_name = u.export_name.clone();
-        let stream = match &u.transport {
-            Transport::Unix { path } => {
-                Stream::Unix(UnixStream::connect(path).map_err(|e| Error::Io {
-                    context: format!("connect: {}", path.display()),
-                    source: e,
-                })?)
-            }
-            Transport::Tcp { host, port } => Stream::Tcp(tcp_connect((host.as_str(), *port))?),
-            Transport::Vsock { .. } => {
-                return Err(Error::Unsupported(
-                    "vsock transport is not supported yet".into(),
-                ))
-            }
-        };
-        Client::handshake(stream, uri.to_owned(), cfg)
+        let c = nbd_driver::connect_uri(uri, &mut cfg)?;
+        Client::handshake(c.socket, c.target, cfg)
     }
 
-    /// Connects to a Unix domain socket.
+    /// Connects to a Unix domain socket (a leading NUL byte names a Linux
+    /// abstract socket) and runs the handshake.
     pub fn connect_unix(path: impl AsRef<Path>, cfg: Config) -> Result<Client> {
         let path = path.as_ref();
-        let s = UnixStream::connect(path).map_err(|e| Error::Io {
-            context: format!("connect: {}", path.display()),
-            source: e,
-        })?;
-        Client::handshake(Stream::Unix(s), path.display().to_string(), cfg)
+        let s = nbd_driver::connect_unix(path)?;
+        Client::handshake(s, path.display().to_string(), cfg)
     }
 
-    /// Connects over TCP (with `TCP_NODELAY`, rule 2).
-    pub fn connect_tcp(addr: impl ToSocketAddrs, cfg: Config) -> Result<Client> {
-        let s = tcp_connect(addr)?;
-        let target = s
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_else(|_| "tcp".into());
-        Client::handshake(Stream::Tcp(s), target, cfg)
+    /// Connects over TCP, trying every address `addr` resolves to (with
+    /// `TCP_NODELAY`), and runs the handshake.
+    pub fn connect_tcp(addr: impl std::net::ToSocketAddrs, cfg: Config) -> Result<Client> {
+        let s = nbd_driver::connect_tcp(addr)?;
+        let target = s.peer_description();
+        Client::handshake(s, target, cfg)
     }
 
     /// Runs an NBD client over an already connected Unix stream (for
     /// example one end of a socket pair).
-    pub fn connect_socket(s: UnixStream, cfg: Config) -> Result<Client> {
-        Client::handshake(Stream::Unix(s), "socket".into(), cfg)
-    }
-
-    fn handshake(stream: Stream, target: String, cfg: Config) -> Result<Client> {
-        stream.set_nonblocking().map_err(|e| Error::Io {
+    pub fn connect_socket(s: std::os::unix::net::UnixStream, cfg: Config) -> Result<Client> {
+        let s = Socket::from_unix(s).map_err(|e| Error::Io {
             context: "set_nonblocking".into(),
             source: e,
         })?;
+        Client::handshake(s, "socket".into(), cfg)
+    }
+
+    fn handshake(socket: Socket, target: String, cfg: Config) -> Result<Client> {
+        let demux = Demux::with_capacity(cfg.limits.max_in_flight);
         let mut c = Client {
             conn: Connection::new(cfg),
-            stream,
-            target,
-            done: HashMap::new(),
-            partial: HashMap::new(),
+            socket,
+            driver: Driver::new(target),
+            demux,
             listed: Vec::new(),
             contexts: Vec::new(),
             opt_result: None,
@@ -227,7 +125,19 @@ impl Client {
 
     /// What this client connected to (the URI or socket path given).
     pub fn target(&self) -> &str {
-        &self.target
+        self.driver.target()
+    }
+
+    /// Counters of the socket calls made so far (reads, writes, polls).
+    pub fn io_stats(&self) -> nbd_driver::IoStats {
+        self.driver.stats()
+    }
+
+    /// Sets how many times a socket call is retried at once in the middle
+    /// of a message before waiting in `poll(2)` (see
+    /// [`nbd_driver::Driver::set_mid_message_retries`]).
+    pub fn set_mid_message_retries(&mut self, retries: u32) {
+        self.driver.set_mid_message_retries(retries);
     }
 
     /// The core state machine (for getters not mirrored here).
@@ -252,100 +162,39 @@ impl Client {
     /// Sends what is queued, reads what arrived, and handles events; blocks
     /// in poll(2) only if nothing could be done and `block` is set.
     fn pump(&mut self, block: bool) -> Result<()> {
-        let mut progressed = false;
-        let mut write_retries = 0;
-        // Write as much as the socket takes.
-        while self.conn.wants_write() {
-            let mut slices = [IoSlice::new(&[]); 64];
-            let n = self.conn.transmit_slices(&mut slices);
-            match self.stream.write_vectored(&slices[..n]) {
-                Ok(0) => {
-                    self.conn.handle_transport_error("write returned 0");
-                    break;
-                }
-                Ok(k) => {
-                    self.conn.transmitted(k);
-                    progressed = true;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // The server is reading a request we began: room for
-                    // the rest comes sooner than poll(2) would report it.
-                    if write_retries < MID_MESSAGE_RETRIES && self.conn.request_in_progress() {
-                        write_retries += 1;
-                        continue;
-                    }
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    if self.conn.is_finished() {
-                        break;
-                    }
-                    self.conn.handle_transport_error(format!("write: {e}"));
-                    break;
-                }
-            }
-        }
-        // Read until the socket is empty (bounded, to keep writing flowing).
-        let (mut reads, mut retries) = (0, 0);
-        while reads < 16 {
-            if !self.conn.wants_read() {
-                break;
-            }
-            let buf = self.conn.recv_buf();
-            match self.stream.read(buf) {
-                Ok(0) => {
-                    self.conn.handle_eof();
-                    progressed = true;
-                    break;
-                }
-                Ok(n) => {
-                    self.conn.recv_commit(n);
-                    progressed = true;
-                    reads += 1;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    // The rest of a reply that has begun follows within
-                    // microseconds: retrying costs less than a poll(2).
-                    if retries < MID_MESSAGE_RETRIES && self.conn.reply_in_progress() {
-                        retries += 1;
-                        continue;
-                    }
-                    break;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.conn.handle_transport_error(format!("read: {e}"));
-                    progressed = true;
-                    break;
-                }
-            }
-        }
+        let w = self.driver.send(&mut self.conn, &mut self.socket, u32::MAX);
+        let r = self.driver.recv(
+            &mut self.conn,
+            &mut self.socket,
+            RecvUntil::Reads(READS_PER_TURN),
+        );
         self.dispatch();
-        if self.conn.is_finished() {
-            // Best effort: whatever is queued (an ABORT) goes out, then hang up.
-            let mut slices = [IoSlice::new(&[]); 8];
-            let n = self.conn.transmit_slices(&mut slices);
-            let _ = self.stream.write_vectored(&slices[..n]);
-            self.stream.shutdown();
+        self.driver.finish(&mut self.conn, &mut self.socket);
+        if w.progressed || r.progressed || r.more || !block {
             return Ok(());
         }
-        if progressed || !block {
+        let Some(interest) = self.driver.interest(&self.conn) else {
             return Ok(());
-        }
+        };
         let mut flags = PollFlags::empty();
-        if self.conn.wants_read() {
+        if interest.read {
             flags |= PollFlags::IN;
         }
-        if self.conn.wants_write() {
+        if interest.write {
             flags |= PollFlags::OUT;
         }
-        if flags.is_empty() {
-            return Ok(());
-        }
-        let mut fds = [PollFd::new(&self.stream, flags)];
+        self.driver.count_wait();
+        let mut fds = [PollFd::new(&self.socket, flags)];
         match poll(&mut fds, None) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Ok(_) | Err(rustix::io::Errno::INTR) => {
+                if fds[0]
+                    .revents()
+                    .intersects(PollFlags::OUT | PollFlags::ERR | PollFlags::HUP)
+                {
+                    self.driver.on_writable();
+                }
+                Ok(())
+            }
             Err(e) => Err(Error::Io {
                 context: "poll".into(),
                 source: e.into(),
@@ -355,6 +204,9 @@ impl Client {
 
     fn dispatch(&mut self) {
         while let Some(ev) = self.conn.poll_event() {
+            let Some(ev) = self.demux.handle(ev) else {
+                continue;
+            };
             match ev {
                 Event::ExportListed { name, description } => self.listed.push((name, description)),
                 Event::MetaContext { name, .. } => self.contexts.push(name),
@@ -364,48 +216,10 @@ impl Client {
                 }
                 Event::StartTls => {
                     self.unsupported = Some("TLS is not supported by this client yet".into());
-                    self.conn
-                        .handle_transport_error("TLS is not supported by this client yet");
+                    self.driver
+                        .refuse_start_tls(&mut self.conn, &mut self.socket);
                 }
                 Event::GoSucceeded(_) => self.went = true,
-                Event::ReadChunk {
-                    cookie,
-                    offset,
-                    length,
-                    kind,
-                } => self
-                    .partial
-                    .entry(cookie)
-                    .or_default()
-                    .chunks
-                    .push((offset, length, kind)),
-                Event::BlockStatus {
-                    cookie,
-                    context_id,
-                    extents,
-                } => self
-                    .partial
-                    .entry(cookie)
-                    .or_default()
-                    .extents
-                    .push((context_id, extents)),
-                Event::CommandDone {
-                    cookie,
-                    result,
-                    buffer,
-                } => {
-                    let p = self.partial.remove(&cookie).unwrap_or_default();
-                    self.done.insert(
-                        cookie,
-                        Completion {
-                            result,
-                            buffer,
-                            extents: p.extents,
-                            chunks: p.chunks,
-                        },
-                    );
-                }
-                Event::Closed(_) => {}
                 _ => {}
             }
         }
@@ -544,7 +358,7 @@ impl Client {
     /// waits for the client's EOF cannot leave the wait for its close hanging.
     fn finish_writes(&mut self) {
         let _ = self.run_until(|c| !c.conn.wants_write() || c.conn.is_finished());
-        self.stream.shutdown_write();
+        self.driver.shutdown_write(&self.conn, &mut self.socket);
     }
 
     /// `NBD_OPT_STRUCTURED_REPLY`: true if the server agreed.
@@ -745,7 +559,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_trim(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
+    pub fn aio_trim(&mut self, offset: u64, count: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.trim(offset, count, flags)?)
     }
@@ -755,7 +569,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_cache(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
+    pub fn aio_cache(&mut self, offset: u64, count: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.cache(offset, count, flags)?)
     }
@@ -765,7 +579,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_zero(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
+    pub fn aio_zero(&mut self, offset: u64, count: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.write_zeroes(offset, count, flags)?)
     }
@@ -775,7 +589,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
+    pub fn aio_block_status(&mut self, offset: u64, count: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.block_status(offset, count, flags)?)
     }
@@ -787,7 +601,7 @@ impl Client {
 
     /// Retires a completed command: `None` while still in flight.
     pub fn aio_command_completed(&mut self, cookie: Cookie) -> Option<Completion> {
-        self.done.remove(&cookie)
+        self.demux.take(cookie)
     }
 
     /// Makes progress: sends, receives, and blocks until something happens.
@@ -798,11 +612,11 @@ impl Client {
 
     /// Blocks until `cookie` completes and retires it.
     pub fn wait(&mut self, cookie: Cookie) -> Result<Completion> {
-        if let Some(c) = self.done.remove(&cookie) {
+        if let Some(c) = self.demux.take(cookie) {
             return Ok(c);
         }
-        let r = self.run_until(|c| c.done.contains_key(&cookie));
-        match self.done.remove(&cookie) {
+        let r = self.run_until(|c| c.demux.is_done(cookie));
+        match self.demux.take(cookie) {
             Some(c) => Ok(c),
             None => Err(r.err().unwrap_or(Error::Closed(CloseReason::Aborted))),
         }
@@ -810,19 +624,12 @@ impl Client {
 
     /// Blocks until any command completes and retires it.
     pub fn wait_any(&mut self) -> Result<(Cookie, Completion)> {
-        if self.done.is_empty() {
-            self.run_until(|c| !c.done.is_empty())?;
+        if self.demux.completed() == 0 {
+            self.run_until(|c| c.demux.completed() > 0)?;
         }
-        let k = *self
-            .done
-            .keys()
-            .next()
-            .ok_or(Error::Closed(CloseReason::Aborted))?;
-        let c = self
-            .done
-            .remove(&k)
-            .ok_or(Error::Closed(CloseReason::Aborted))?;
-        Ok((k, c))
+        self.demux
+            .take_any()
+            .ok_or(Error::Closed(CloseReason::Aborted))
     }
 
     fn wait_ok(&mut self, cookie: Cookie) -> Result<Completion> {
@@ -922,8 +729,8 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn trim(&mut self, count: u64, offset: u64, flags: u16) -> Result<()> {
-        let c = self.aio_trim(count, offset, flags)?;
+    pub fn trim(&mut self, offset: u64, count: u64, flags: u16) -> Result<()> {
+        let c = self.aio_trim(offset, count, flags)?;
         self.wait_ok(c).map(|_| ())
     }
 
@@ -932,8 +739,8 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn cache(&mut self, count: u64, offset: u64, flags: u16) -> Result<()> {
-        let c = self.aio_cache(count, offset, flags)?;
+    pub fn cache(&mut self, offset: u64, count: u64, flags: u16) -> Result<()> {
+        let c = self.aio_cache(offset, count, flags)?;
         self.wait_ok(c).map(|_| ())
     }
 
@@ -942,8 +749,8 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn zero(&mut self, count: u64, offset: u64, flags: u16) -> Result<()> {
-        let c = self.aio_zero(count, offset, flags)?;
+    pub fn zero(&mut self, offset: u64, count: u64, flags: u16) -> Result<()> {
+        let c = self.aio_zero(offset, count, flags)?;
         self.wait_ok(c).map(|_| ())
     }
 
@@ -955,11 +762,11 @@ impl Client {
     /// ([details](Client#after-the-connection-ended)).
     pub fn block_status(
         &mut self,
-        count: u64,
         offset: u64,
+        count: u64,
         flags: u16,
     ) -> Result<Vec<(String, Vec<Extent>)>> {
-        let c = self.aio_block_status(count, offset, flags)?;
+        let c = self.aio_block_status(offset, count, flags)?;
         let c = self.wait_ok(c)?;
         Ok(c.extents
             .into_iter()
@@ -1012,47 +819,9 @@ fn refused_is_false(r: Result<OptionKind>) -> Result<bool> {
     }
 }
 
-fn tcp_connect(addr: impl ToSocketAddrs) -> Result<TcpStream> {
-    let mut last = None;
-    let addrs = addr.to_socket_addrs().map_err(|e| Error::Io {
-        context: "resolve".into(),
-        source: e,
-    })?;
-    for a in addrs {
-        match TcpStream::connect(a) {
-            Ok(s) => {
-                let _ = s.set_nodelay(true);
-                return Ok(s);
-            }
-            Err(e) => last = Some((a, e)),
-        }
-    }
-    Err(match last {
-        Some((a, e)) => Error::Io {
-            context: format!("connect: {a}"),
-            source: e,
-        },
-        None => Error::Io {
-            context: "connect".into(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
-        },
-    })
-}
-
 impl Drop for Client {
     fn drop(&mut self) {
-        // A polite goodbye when possible; never block for long.
-        if matches!(self.conn.phase(), Phase::Ready | Phase::Negotiating)
-            && self.conn.in_flight() == 0
-        {
-            let sent = match self.conn.phase() {
-                Phase::Ready => self.conn.disconnect().is_ok(),
-                _ => self.conn.opt_abort().is_ok(),
-            };
-            if sent {
-                let _ = self.pump(false);
-            }
-        }
-        self.stream.shutdown();
+        // A polite goodbye when it can be sent without waiting.
+        self.driver.goodbye(&mut self.conn, &mut self.socket);
     }
 }

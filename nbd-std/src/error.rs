@@ -86,5 +86,17 @@ impl From<Error> for std::io::Error {
     }
 }
 
+impl From<nbd_driver::ConnectError> for Error {
+    fn from(e: nbd_driver::ConnectError) -> Self {
+        use nbd_driver::ConnectError as C;
+        match e {
+            C::Uri(u) => Error::Uri(u),
+            C::Unsupported(m) => Error::Unsupported(m),
+            C::Io { context, source } => Error::Io { context, source },
+            other => Error::Unsupported(other.to_string()),
+        }
+    }
+}
+
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -38,7 +38,11 @@ mod client;
 mod error;
 mod file;
 
-pub use client::{Client, Completion};
+pub use client::Client;
 pub use error::{Error, Result};
 pub use file::NbdFile;
-pub use nbd_core::{self, consts, Config, Cookie, Extent, Phase, ReadChunkKind, Strict, TlsMode};
+pub use nbd_core::{
+    self, consts, BlockSize, CloseReason, CommandError, Config, Cookie, ExportInfo, Extent, Limits,
+    NbdErrno, OptionError, OptionKind, Phase, ReadChunkKind, Strict, TlsMode, UsageError,
+};
+pub use nbd_driver::{self, Completion, IoStats};

@@ -171,10 +171,10 @@ fn submit(c: &mut Client, op: &Op) -> Result<Cookie, Error> {
     match op.kind {
         Kind::Write(seed) => c.aio_pwrite(Bytes::from(payload(seed, op.off, op.len)), op.off, 0),
         Kind::Read => c.aio_pread(BytesMut::zeroed(op.len as usize), op.off, 0),
-        Kind::Trim => c.aio_trim(op.len, op.off, 0),
-        Kind::Zero => c.aio_zero(op.len, op.off, 0),
+        Kind::Trim => c.aio_trim(op.off, op.len, 0),
+        Kind::Zero => c.aio_zero(op.off, op.len, 0),
         Kind::Flush => c.aio_flush(0),
-        Kind::Cache => c.aio_cache(op.len, op.off, 0),
+        Kind::Cache => c.aio_cache(op.off, op.len, 0),
     }
 }
 
@@ -311,7 +311,7 @@ fn model_vs_nbdkit_memory() {
     runner(32)
         .run(&ops_strategy(), |ops| {
             let mut c = client.borrow_mut();
-            c.zero(SIZE, 0, 0).expect("reset the disk");
+            c.zero(0, SIZE, 0).expect("reset the disk");
             let mut model = Model::zeroed();
             let mut n = batches_cell.borrow_mut();
             execute(&mut c, &mut model, &ops, &mut |_| **n += 1)
@@ -474,7 +474,7 @@ fn model_vs_fake(mode: Mode, cases: u32) {
                 tx.send(k).expect("fake server gone");
             };
             // Reset to zeroes (one batch of one command).
-            let ck = c.aio_zero(SIZE, 0, 0).expect("reset");
+            let ck = c.aio_zero(0, SIZE, 0).expect("reset");
             sent(1);
             c.wait(ck).expect("reset").result.expect("reset");
             let mut model = Model::zeroed();

@@ -1356,7 +1356,7 @@ fn calls_after_the_end_report_the_close_reason() {
             ("pread", c.pread(&mut [0u8; 512], 0, 0)),
             ("pwrite", c.pwrite(&[1; 512], 0, 0)),
             ("aio_flush", c.aio_flush(0).map(drop)),
-            ("block_status", c.block_status(512, 0, 0).map(drop)),
+            ("block_status", c.block_status(0, 512, 0).map(drop)),
         ];
         for (call, r) in calls {
             match r {

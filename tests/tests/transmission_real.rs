@@ -163,14 +163,14 @@ fn io_workload(c: &mut Client, shadow: &mut [u8], trim_zeroes: bool, seed: u64) 
         assert_zeroes(c, 16 * KIB, 16 * KIB as usize, "after write-zeroes");
         // NO_HOLE (meaningful whenever WRITE_ZEROES is).
         put(c, shadow, 512 * KIB, 64 * KIB as usize, 0, seed + 6);
-        c.zero(64 * KIB, 512 * KIB, cf::NO_HOLE)
+        c.zero(512 * KIB, 64 * KIB, cf::NO_HOLE)
             .expect("zero NO_HOLE");
         shadow[512 * KIB as usize..576 * KIB as usize].fill(0);
         assert_zeroes(c, 512 * KIB, 64 * KIB as usize, "after zero NO_HOLE");
         // FUA zero.
         if info.can_fua() {
             put(c, shadow, 580 * KIB, 4 * KIB as usize, 0, seed + 7);
-            c.zero(4 * KIB, 580 * KIB, cf::FUA).expect("zero FUA");
+            c.zero(580 * KIB, 4 * KIB, cf::FUA).expect("zero FUA");
             shadow[580 * KIB as usize..584 * KIB as usize].fill(0);
             assert_zeroes(c, 580 * KIB, 4 * KIB as usize, "after zero FUA");
         }
@@ -178,12 +178,12 @@ fn io_workload(c: &mut Client, shadow: &mut [u8], trim_zeroes: bool, seed: u64) 
         // (spec: the server may refuse when zeroing would be slow).
         if info.can_fast_zero() {
             put(c, shadow, 640 * KIB, 64 * KIB as usize, 0, seed + 8);
-            match c.zero(64 * KIB, 640 * KIB, cf::FAST_ZERO) {
+            match c.zero(640 * KIB, 64 * KIB, cf::FAST_ZERO) {
                 Ok(()) => {}
                 Err(e) => {
                     assert_eq!(e.io_kind(), ErrorKind::Unsupported, "FAST_ZERO: {e}");
                     assert!(!e.is_fatal(), "FAST_ZERO failure must not be fatal");
-                    c.zero(64 * KIB, 640 * KIB, 0)
+                    c.zero(640 * KIB, 64 * KIB, 0)
                         .expect("zero after FAST_ZERO");
                 }
             }
@@ -194,7 +194,7 @@ fn io_workload(c: &mut Client, shadow: &mut [u8], trim_zeroes: bool, seed: u64) 
 
     if info.can_trim() {
         put(c, shadow, 256 * KIB, 64 * KIB as usize, 0, seed + 9);
-        c.trim(64 * KIB, 256 * KIB, 0).expect("trim");
+        c.trim(256 * KIB, 64 * KIB, 0).expect("trim");
         let got = read_vec(c, 256 * KIB, 64 * KIB as usize);
         if trim_zeroes {
             assert!(got.iter().all(|&b| b == 0), "trimmed range reads as zeroes");
@@ -204,14 +204,14 @@ fn io_workload(c: &mut Client, shadow: &mut [u8], trim_zeroes: bool, seed: u64) 
             put(c, shadow, 256 * KIB, 64 * KIB as usize, 0, seed + 10);
         }
         if info.can_fua() {
-            c.trim(4 * KIB, 320 * KIB, cf::FUA).expect("trim FUA");
+            c.trim(320 * KIB, 4 * KIB, cf::FUA).expect("trim FUA");
             put(c, shadow, 320 * KIB, 4 * KIB as usize, 0, seed + 11);
         }
     }
 
     if info.can_cache() {
-        c.cache(256 * KIB, 0, 0).expect("cache");
-        c.cache(size, 0, 0).expect("cache whole export");
+        c.cache(0, 256 * KIB, 0).expect("cache");
+        c.cache(0, size, 0).expect("cache whole export");
     }
     if info.can_flush() {
         c.flush(0).expect("final flush");
@@ -258,7 +258,7 @@ fn full_maps(c: &mut Client, size: u64, flags: u16) -> Vec<(String, Map)> {
         assert!(rounds < 100_000, "block status does not make progress");
         let count = (size - off).min(u32::MAX as u64 & !0xfff);
         let answer = c
-            .block_status(count, off, flags)
+            .block_status(off, count, flags)
             .unwrap_or_else(|e| panic!("block_status {count} at {off}: {e}"));
         assert!(!answer.is_empty(), "block status answered no context");
         let covered = |ext: &[Extent]| ext.iter().map(|e| e.length).sum::<u64>().min(count);
@@ -392,7 +392,7 @@ fn io01_nbdkit_no_sr_simple_replies_round_trip() {
     let mut shadow = vec![0u8; 4 * MIB as usize];
     io_workload(&mut c, &mut shadow, true, 3);
     // Block status needs structured replies: refused client-side.
-    let u = usage(c.block_status(4096, 0, 0).map(drop), "block status");
+    let u = usage(c.block_status(0, 4096, 0).map(drop), "block status");
     assert!(matches!(u, UsageError::NotAdvertised(_)), "{u:?}");
     c.shutdown().expect("shutdown");
 }
@@ -527,7 +527,7 @@ fn io01_nbdkit_sparse_random_extents_agree_with_data() {
         &shadow[d as usize..d as usize + 4096],
         "unchanged",
     );
-    c.zero(4096, h, 0).expect("zeroing a hole matches the data");
+    c.zero(h, 4096, 0).expect("zeroing a hole matches the data");
     c.shutdown().unwrap();
 }
 
@@ -636,7 +636,7 @@ fn hs10_qemu_nbd_structured_and_extended_on_and_off() {
             assert_eq!(map.first().unwrap().0, 0);
             assert_eq!(map.iter().map(|e| e.1).sum::<u64>(), size);
         } else {
-            let u = usage(c.block_status(4096, 0, 0).map(drop), "block status w/o SR");
+            let u = usage(c.block_status(0, 4096, 0).map(drop), "block status w/o SR");
             assert!(matches!(u, UsageError::NotAdvertised(_)), "{u:?}");
         }
         c.shutdown().unwrap();
@@ -674,7 +674,7 @@ fn io04_block_status_matches_qemu_img_map() {
         // REQ_ONE: exactly one extent, not longer than the request, with
         // the flags of the run it starts.
         for &(off, len, flags) in &expected {
-            let ans = c.block_status(size - off, off, cf::REQ_ONE).unwrap();
+            let ans = c.block_status(off, size - off, cf::REQ_ONE).unwrap();
             assert_eq!(ans.len(), 1);
             let (name, ext) = &ans[0];
             assert_eq!(name, CONTEXT_BASE_ALLOCATION);
@@ -754,7 +754,7 @@ fn io04_qemu_dirty_bitmap_and_allocation_depth() {
         assert_eq!(map_of(&maps, bitmap), &want_bitmap, "eh={eh}");
         // REQ_ONE at the start of each run: one extent per context.
         for off in [0, MIB, 4 * MIB, 4 * MIB + 64 * KIB] {
-            let ans = c.block_status(size - off, off, cf::REQ_ONE).unwrap();
+            let ans = c.block_status(off, size - off, cf::REQ_ONE).unwrap();
             assert_eq!(ans.len(), 3, "REQ_ONE at {off}: {ans:?}");
             for (name, ext) in &ans {
                 assert_eq!(ext.len(), 1, "REQ_ONE {name} at {off}: {ext:?}");
@@ -792,14 +792,14 @@ fn errors_client_and_server_unadvertised_cmd() {
     let srv = nbdkit_with(&["--filter=nozero"], &["memory", "1M"]);
     let mut c = connect(&srv.uri(), Config::default());
     assert!(!c.export_info().unwrap().can_zero());
-    let u = usage(c.zero(4096, 0, 0), "zero unadvertised");
+    let u = usage(c.zero(0, 4096, 0), "zero unadvertised");
     assert!(matches!(u, UsageError::NotAdvertised(_)), "{u:?}");
-    let e = usage(c.aio_zero(4096, 0, 0).map(drop), "aio_zero");
+    let e = usage(c.aio_zero(0, 4096, 0).map(drop), "aio_zero");
     assert!(matches!(e, UsageError::NotAdvertised(_)));
     drop(c);
     let mut c = connect(&srv.uri(), cfg_strict(Strict::NONE));
     c.pwrite(&[9; 4096], 0, 0).unwrap();
-    assert_eq!(server_errno(c.zero(4096, 0, 0), "zero strict off"), 22);
+    assert_eq!(server_errno(c.zero(0, 4096, 0), "zero strict off"), 22);
     assert_eq!(read_vec(&mut c, 0, 4096), vec![9; 4096], "still usable");
     c.shutdown().unwrap();
     drop(c);
@@ -817,11 +817,11 @@ fn errors_client_and_server_unadvertised_cmd() {
     let mut c = connect(&srv.uri(), Config::default());
     let info = c.export_info().unwrap().clone();
     assert!(!info.can_trim() && !info.is_read_only(), "{info:?}");
-    let u = usage(c.trim(4096, 0, 0), "trim unadvertised");
+    let u = usage(c.trim(0, 4096, 0), "trim unadvertised");
     assert!(matches!(u, UsageError::NotAdvertised(_)), "{u:?}");
     drop(c);
     let mut c = connect(&srv.uri(), cfg_strict(Strict::NONE));
-    assert_eq!(server_errno(c.trim(4096, 0, 0), "trim strict off"), 22);
+    assert_eq!(server_errno(c.trim(0, 4096, 0), "trim strict off"), 22);
     assert_zeroes(&mut c, 0, 4096, "usable after refused trim");
     c.shutdown().unwrap();
     drop(c);
@@ -881,7 +881,7 @@ fn errors_client_and_server_unaligned_and_oversize() {
         UsageError::Misaligned(512)
     );
     assert_eq!(
-        usage(c.zero(512, 1, 0), "zero at 1"),
+        usage(c.zero(1, 512, 0), "zero at 1"),
         UsageError::Misaligned(512)
     );
     let u = usage(c.pwrite(&vec![0; 128 * 1024], 0, 0), "128 KiB write");
@@ -948,7 +948,7 @@ fn errors_client_and_server_bounds_zero_size_and_flags() {
     assert_eq!(u, UsageError::ZeroLength);
     let u = usage(c.pread(&mut b, 0, cf::FUA), "FUA on a read");
     assert!(matches!(u, UsageError::BadFlags { .. }), "{u:?}");
-    let u = usage(c.zero(4096, 0, cf::REQ_ONE), "REQ_ONE on zero");
+    let u = usage(c.zero(0, 4096, cf::REQ_ONE), "REQ_ONE on zero");
     assert!(matches!(u, UsageError::BadFlags { .. }), "{u:?}");
     let u = usage(c.pread(&mut b, 0, UNKNOWN_FLAG), "unknown flag");
     assert!(matches!(u, UsageError::BadFlags { .. }), "{u:?}");

@@ -102,9 +102,6 @@ impl Harness {
     /// One turn of the loop: send what is queued and update the interest,
     /// wait for readiness, hand every event of our token to the connection.
     pub fn turn(&mut self) {
-        self.nbd
-            .reregister(self.poll.registry())
-            .expect("reregister");
         self.poll
             .poll(&mut self.events, Some(TIMEOUT))
             .expect("poll");
@@ -143,13 +140,6 @@ impl Harness {
             n += 1;
         }
         n
-    }
-
-    /// Calls [`NbdConnection::reregister`] on this loop's registry.
-    pub fn reregister(&mut self) {
-        self.nbd
-            .reregister(self.poll.registry())
-            .expect("reregister");
     }
 
     /// Turns the loop until `done` holds; any event on the way fails the test.
