@@ -102,6 +102,8 @@ mod connection;
 mod error;
 
 pub use connection::NbdConnection;
+/// The mio this crate is built on, so embedders use the same version.
+pub use mio;
 pub use error::{Error, Result};
 pub use nbd_core::{
     self, CloseReason, CommandError, Config, Cookie, Event, ExportInfo, OptionKind, Phase, Strict,
