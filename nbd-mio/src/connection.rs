@@ -269,9 +269,7 @@ impl NbdConnection {
     /// After a command queued bytes: outside a drain they go out at once.
     fn queued<T>(&mut self, r: std::result::Result<T, UsageError>) -> Result<T> {
         let v = r?;
-        if !self.draining {
-            self.flush();
-        }
+        self.flush();
         Ok(v)
     }
 
