@@ -5,6 +5,15 @@
 //! that was checked against a limit first). They never allocate more than the
 //! slice they are given, never panic, and report malformed input as a
 //! [`WireError`] that says what the server sent.
+//!
+//! Every parser is written with nom combinators over the streaming number
+//! parsers (`nom::number::streaming`), so running out of input is always
+//! nom's `Incomplete` ("need more") and never a guess. The public functions
+//! run them through `run_streaming` (the slice is what has arrived so
+//! far: `None` means wait for more).
+
+use nom::error::{ErrorKind, FromExternalError, ParseError};
+use nom::{IResult, Parser};
 
 pub mod handshake;
 pub mod option;
@@ -69,4 +78,71 @@ pub enum WireError {
     /// neither the compact nor the extended request magic.
     #[error("bad request magic {0:#010x}")]
     BadRequestMagic(u32),
+    /// A length or count is above a limit this client sets on what it
+    /// accepts; reported before anything is allocated for it.
+    #[error("{what}: {len} is above the limit of {limit}")]
+    OverLimit {
+        /// What was being parsed.
+        what: &'static str,
+        /// The length or count the server gave.
+        len: u64,
+        /// The limit it exceeds.
+        limit: u64,
+    },
+}
+
+/// Error type of the nom parsers in this module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Fail {
+    /// A combinator did not match (in practice: a complete-input check
+    /// such as `eof` failed); the wrappers report it as a bad length.
+    Mismatch,
+    /// A check inside the parser (`map_res`) found a protocol violation.
+    Wire(WireError),
+}
+
+impl<I> ParseError<I> for Fail {
+    fn from_error_kind(_: I, _: ErrorKind) -> Self {
+        Fail::Mismatch
+    }
+
+    fn append(_: I, _: ErrorKind, other: Self) -> Self {
+        other
+    }
+}
+
+impl<I> FromExternalError<I, WireError> for Fail {
+    fn from_external_error(_: I, _: ErrorKind, e: WireError) -> Self {
+        Fail::Wire(e)
+    }
+}
+
+/// Result of the nom parsers in this module.
+pub(crate) type PResult<'a, T> = IResult<&'a [u8], T, Fail>;
+
+/// Converts a slice length to the `u64` carried by [`WireError`] variants.
+pub(crate) fn len64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// Runs `p` over the bytes `b` that have arrived so far.
+///
+/// Returns `Ok(None)` when `p` needs more input ("need more"), or
+/// `Ok(Some((value, n)))` when it completed after consuming the first `n`
+/// bytes. A mismatch gives [`WireError::BadLength`] naming `what`; an error
+/// raised by a check inside `p` is returned as is.
+pub(crate) fn run_streaming<'a, T>(
+    what: &'static str,
+    b: &'a [u8],
+    mut p: impl Parser<&'a [u8], Output = T, Error = Fail>,
+) -> Result<Option<(T, usize)>, WireError> {
+    match p.parse(b) {
+        Ok((rest, v)) => Ok(Some((v, b.len() - rest.len()))),
+        Err(nom::Err::Incomplete(_)) => Ok(None),
+        Err(nom::Err::Error(Fail::Wire(e)) | nom::Err::Failure(Fail::Wire(e))) => Err(e),
+        Err(_) => Err(WireError::BadLength {
+            what,
+            len: len64(b.len()),
+        }),
+    }
 }
