@@ -9,8 +9,9 @@
 //! Every parser is written with nom combinators over the streaming number
 //! parsers (`nom::number::streaming`), so running out of input is always
 //! nom's `Incomplete` ("need more") and never a guess. The public functions
-//! run them through `run_streaming` (the slice is what has arrived so
-//! far: `None` means wait for more).
+//! run them through `run_exact` (the slice is the whole message: too
+//! short or too long is [`WireError::BadLength`]) or `run_streaming` (the
+//! slice is what has arrived so far: `None` means wait for more).
 
 use nom::error::{ErrorKind, FromExternalError, ParseError};
 use nom::{IResult, Parser};
@@ -120,9 +121,50 @@ impl<I> FromExternalError<I, WireError> for Fail {
 /// Result of the nom parsers in this module.
 pub(crate) type PResult<'a, T> = IResult<&'a [u8], T, Fail>;
 
+/// Big-endian integer parsers with nom's streaming contract (`Incomplete`
+/// with the number of bytes missing when the input is short), for use in
+/// nom combinators like `nom::number::streaming::be_u32`. They read with
+/// one load instead of nom's byte-at-a-time loop, which keeps the reply
+/// header (parsed once per reply) as cheap as plain indexing.
+macro_rules! be_parsers {
+    ($($name:ident: $t:ty),*) => {$(
+        #[doc = concat!("Parses a big-endian `", stringify!($t), "` (streaming).")]
+        #[inline]
+        pub(crate) fn $name(i: &[u8]) -> PResult<'_, $t> {
+            const N: usize = std::mem::size_of::<$t>();
+            match i.split_first_chunk::<N>() {
+                Some((b, rest)) => Ok((rest, <$t>::from_be_bytes(*b))),
+                None => Err(nom::Err::Incomplete(nom::Needed::new(N - i.len()))),
+            }
+        }
+    )*};
+}
+be_parsers!(be_u16: u16, be_u32: u32, be_u64: u64);
+
 /// Converts a slice length to the `u64` carried by [`WireError`] variants.
 pub(crate) fn len64(n: usize) -> u64 {
     u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+/// Runs `p` over `b`, which must be exactly one whole message.
+///
+/// Running out of input (nom's `Incomplete`), a mismatch, or bytes left
+/// over give [`WireError::BadLength`] naming `what` and `b.len()`; an error
+/// raised by a check inside `p` is returned as is.
+#[inline]
+pub(crate) fn run_exact<'a, T>(
+    what: &'static str,
+    b: &'a [u8],
+    mut p: impl Parser<&'a [u8], Output = T, Error = Fail>,
+) -> Result<T, WireError> {
+    match p.parse(b) {
+        Ok(([], v)) => Ok(v),
+        Err(nom::Err::Error(Fail::Wire(e)) | nom::Err::Failure(Fail::Wire(e))) => Err(e),
+        _ => Err(WireError::BadLength {
+            what,
+            len: len64(b.len()),
+        }),
+    }
 }
 
 /// Runs `p` over the bytes `b` that have arrived so far.

@@ -8,15 +8,12 @@
 //! can describe.
 
 use bytes::{BufMut, BytesMut};
+use nom::bytes::streaming::take;
 use nom::combinator::{cond, map_res};
 use nom::multi::fold_many_m_n;
-use nom::number::streaming::{be_u16, be_u32, be_u64};
 use nom::Parser;
 
-use super::{len64, run_streaming, PResult, WireError};
-
-/// nom's default error type over byte slices.
-type NomErr<'a> = nom::error::Error<&'a [u8]>;
+use super::{be_u16, be_u32, be_u64, len64, run_exact, run_streaming, PResult, WireError};
 use crate::consts::{
     chunk, EXTENDED_REPLY_LEN, EXTENDED_REPLY_MAGIC, MAX_STRING_LEN, SIMPLE_REPLY_LEN,
     SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_LEN, STRUCTURED_REPLY_MAGIC,
@@ -102,58 +99,45 @@ pub enum ReplyHeader {
 /// slice of the wrong length gives [`WireError::BadLength`]. The caller still
 /// has to check the cookie, the chunk type and the payload length.
 pub fn parse_reply_header(b: &[u8], mode: HeaderMode) -> Result<ReplyHeader, WireError> {
-    // Hot path (once per reply): fixed offsets read with plain loads.
     let bad_len = || WireError::BadLength {
         what: "reply header",
         len: len64(b.len()),
     };
-    let Some(m) = b.first_chunk::<4>() else {
-        return Err(bad_len());
-    };
-    let magic = u32::from_be_bytes(*m);
+    // The magic first: a bad one is reported as such even in a short slice.
+    let (i, magic) = be_u32(b).map_err(|_| bad_len())?;
     let want = reply_header_len(magic, mode)?;
+    // Checking the whole length up front lets the compiler drop the
+    // per-field bounds checks below: this runs once per reply and must stay
+    // as cheap as plain indexing (see examples/reply_header_loop.rs).
     if b.len() != want {
         return Err(bad_len());
     }
-    let u16_at = |i: usize| {
-        b.get(i..i + 2)
-            .and_then(|s| s.try_into().ok())
-            .map(u16::from_be_bytes)
-    };
-    let u32_at = |i: usize| {
-        b.get(i..i + 4)
-            .and_then(|s| s.try_into().ok())
-            .map(u32::from_be_bytes)
-    };
-    let u64_at = |i: usize| {
-        b.get(i..i + 8)
-            .and_then(|s| s.try_into().ok())
-            .map(u64::from_be_bytes)
-    };
-    let h = match magic {
-        SIMPLE_REPLY_MAGIC => u32_at(4)
-            .zip(u64_at(8))
-            .map(|(error, cookie)| ReplyHeader::Simple { error, cookie }),
-        STRUCTURED_REPLY_MAGIC => (|| {
-            Some(ReplyHeader::Chunk {
-                flags: u16_at(4)?,
-                typ: u16_at(6)?,
-                cookie: u64_at(8)?,
+    // The layouts of spec "Simple reply message" and "Structured reply
+    // chunk message" (compact and extended).
+    let h = match want {
+        SIMPLE_REPLY_LEN => (be_u32, be_u64)
+            .map(|(error, cookie)| ReplyHeader::Simple { error, cookie })
+            .parse(i),
+        STRUCTURED_REPLY_LEN => (be_u16, be_u16, be_u64, be_u32)
+            .map(|(flags, typ, cookie, length)| ReplyHeader::Chunk {
+                flags,
+                typ,
+                cookie,
                 offset: None,
-                length: u64::from(u32_at(16)?),
+                length: u64::from(length),
             })
-        })(),
-        _ => (|| {
-            Some(ReplyHeader::Chunk {
-                flags: u16_at(4)?,
-                typ: u16_at(6)?,
-                cookie: u64_at(8)?,
-                offset: Some(u64_at(16)?),
-                length: u64_at(24)?,
+            .parse(i),
+        _ => (be_u16, be_u16, be_u64, be_u64, be_u64)
+            .map(|(flags, typ, cookie, offset, length)| ReplyHeader::Chunk {
+                flags,
+                typ,
+                cookie,
+                offset: Some(offset),
+                length,
             })
-        })(),
+            .parse(i),
     };
-    h.ok_or_else(bad_len)
+    h.map(|(_, h)| h).map_err(|_| bad_len())
 }
 
 /// Checks the payload length of an `NBD_REPLY_TYPE_OFFSET_DATA` chunk: it
@@ -188,19 +172,7 @@ pub fn parse_offset_data_prefix(b: &[u8; 8]) -> u64 {
 /// ([`WireError::BadLength`] otherwise) and the hole size must be nonzero
 /// ([`WireError::BadValue`] otherwise); both are fatal to the connection.
 pub fn parse_offset_hole(p: &[u8]) -> Result<(u64, u32), WireError> {
-    if p.len() != 12 {
-        return Err(WireError::BadLength {
-            what: "OFFSET_HOLE chunk",
-            len: len64(p.len()),
-        });
-    }
-    let (_, (offset, size)) =
-        (be_u64::<_, NomErr<'_>>, be_u32)
-            .parse(p)
-            .map_err(|_| WireError::BadLength {
-                what: "OFFSET_HOLE chunk",
-                len: len64(p.len()),
-            })?;
+    let (offset, size) = run_exact("OFFSET_HOLE chunk", p, (be_u64, be_u32))?;
     if size == 0 {
         return Err(WireError::BadValue {
             what: "OFFSET_HOLE hole size",
@@ -258,46 +230,45 @@ pub fn parse_error_chunk(typ: u16, p: &[u8]) -> Result<ErrorChunk<'_>, WireError
     if len < min {
         return Err(bad_len());
     }
-    let (rest, (error, msglen)) = (be_u32::<_, NomErr<'_>>, be_u16)
-        .parse(p)
-        .map_err(|_| bad_len())?;
-    let msglen = usize::from(msglen);
     // Room left for the message once the fixed fields are accounted for.
-    let room = len.saturating_sub(min);
-    if msglen > room {
-        return Err(WireError::InnerLengthOverflow {
-            what,
-            inner: len64(msglen),
-            outer: len64(len),
-        });
-    }
+    let room = len - min;
     let strict = typ == chunk::ERROR || typ == chunk::ERROR_OFFSET;
-    if strict && msglen != room {
-        return Err(bad_len());
-    }
-    if error == 0 {
-        return Err(WireError::BadValue {
-            what: "error chunk error value",
-            value: 0,
-        });
-    }
-    if msglen > MAX_STRING_LEN {
-        return Err(WireError::BadLength {
-            what: "error chunk message",
-            len: len64(msglen),
-        });
-    }
-    let (message, after) = rest.split_at_checked(msglen).ok_or_else(bad_len)?;
-    let offset = if typ == chunk::ERROR_OFFSET {
-        Some(be_u64::<_, NomErr<'_>>(after).map_err(|_| bad_len())?.1)
-    } else {
-        None
-    };
-    Ok(ErrorChunk {
-        error,
-        message,
-        offset,
-    })
+    let fields = map_res((be_u32, be_u16), |(error, msglen)| {
+        let msglen = usize::from(msglen);
+        if msglen > room {
+            Err(WireError::InnerLengthOverflow {
+                what,
+                inner: len64(msglen),
+                outer: len64(len),
+            })
+        } else if strict && msglen != room {
+            Err(bad_len())
+        } else if error == 0 {
+            Err(WireError::BadValue {
+                what: "error chunk error value",
+                value: 0,
+            })
+        } else if msglen > MAX_STRING_LEN {
+            Err(WireError::BadLength {
+                what: "error chunk message",
+                len: len64(msglen),
+            })
+        } else {
+            Ok((error, msglen))
+        }
+    });
+    let chunk = fields.flat_map(|(error, msglen)| {
+        (take(msglen), cond(typ == chunk::ERROR_OFFSET, be_u64)).map(move |(message, offset)| {
+            ErrorChunk {
+                error,
+                message,
+                offset,
+            }
+        })
+    });
+    // Unknown error types may carry bytes after the message: ignore them.
+    let (e, _) = run_exact(what, p, (chunk, nom::combinator::rest))?;
+    Ok(e)
 }
 
 /// One block status extent: a length (never 0) and its status flags.
