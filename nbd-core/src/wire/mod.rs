@@ -167,6 +167,21 @@ pub(crate) fn run_exact<'a, T>(
     }
 }
 
+/// Runs `p`, which reads exactly `N` bytes and checks nothing, over an
+/// `N`-byte array, for parsers whose signature promises no error.
+///
+/// `p` cannot fail on such input; a layout mistake (reading more or fewer
+/// than `N` bytes) fails a debug assertion, and gives `T::default()`
+/// rather than a panic in release builds.
+pub(crate) fn run_fixed<'a, const N: usize, T: Default>(
+    b: &'a [u8; N],
+    p: impl Parser<&'a [u8], Output = T, Error = Fail>,
+) -> T {
+    let r = run_exact("fixed-size message", b, p);
+    debug_assert!(r.is_ok(), "layout does not match the {N}-byte array");
+    r.unwrap_or_default()
+}
+
 /// Runs `p` over the bytes `b` that have arrived so far.
 ///
 /// Returns `Ok(None)` when `p` needs more input ("need more"), or
@@ -186,5 +201,41 @@ pub(crate) fn run_streaming<'a, T>(
             what,
             len: len64(b.len()),
         }),
+    }
+}
+
+/// Test support for the parsers of every message family.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::{Fail, PResult};
+
+    /// Runs the nom parser `p` on every proper prefix of `msg`, then on all
+    /// of it, and returns the result for all of it.
+    ///
+    /// Every prefix must give `Incomplete` ("need more"), except that when
+    /// the whole message is refused, a prefix that already holds the
+    /// offending field may give that same error. The whole message must be
+    /// consumed entirely when it parses.
+    pub(crate) fn splits<'a, T: std::fmt::Debug + PartialEq>(
+        msg: &'a [u8],
+        mut p: impl FnMut(&'a [u8]) -> PResult<'a, T>,
+    ) -> Result<T, Fail> {
+        let whole = match p(msg) {
+            Ok((rest, v)) => {
+                assert!(rest.is_empty(), "{} bytes left over", rest.len());
+                Ok(v)
+            }
+            Err(nom::Err::Error(e) | nom::Err::Failure(e)) => Err(e),
+            Err(nom::Err::Incomplete(n)) => panic!("whole message incomplete: {n:?}"),
+        };
+        for k in 0..msg.len() {
+            match p(&msg[..k]) {
+                Err(nom::Err::Incomplete(_)) => {}
+                Err(nom::Err::Error(e) | nom::Err::Failure(e))
+                    if whole.as_ref().err() == Some(&e) => {}
+                other => panic!("split at {k} of {}: {other:?}, whole: {whole:?}", msg.len()),
+            }
+        }
+        whole
     }
 }
