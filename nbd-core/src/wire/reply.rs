@@ -13,7 +13,7 @@ use nom::combinator::{cond, map_res};
 use nom::multi::fold_many_m_n;
 use nom::Parser;
 
-use super::{be_u16, be_u32, be_u64, len64, run_exact, run_streaming, PResult, WireError};
+use super::{be_u16, be_u32, be_u64, len64, run_exact, run_streaming, Fail, PResult, WireError};
 use crate::consts::{
     chunk, EXTENDED_REPLY_LEN, EXTENDED_REPLY_MAGIC, MAX_STRING_LEN, SIMPLE_REPLY_LEN,
     SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_LEN, STRUCTURED_REPLY_MAGIC,
@@ -172,7 +172,7 @@ pub fn parse_offset_data_prefix(b: &[u8; 8]) -> u64 {
 /// ([`WireError::BadLength`] otherwise) and the hole size must be nonzero
 /// ([`WireError::BadValue`] otherwise); both are fatal to the connection.
 pub fn parse_offset_hole(p: &[u8]) -> Result<(u64, u32), WireError> {
-    let (offset, size) = run_exact("OFFSET_HOLE chunk", p, (be_u64, be_u32))?;
+    let (offset, size) = run_exact("OFFSET_HOLE chunk", p, offset_hole)?;
     if size == 0 {
         return Err(WireError::BadValue {
             what: "OFFSET_HOLE hole size",
@@ -180,6 +180,12 @@ pub fn parse_offset_hole(p: &[u8]) -> Result<(u64, u32), WireError> {
         });
     }
     Ok((offset, size))
+}
+
+/// nom parser of an `NBD_REPLY_TYPE_OFFSET_HOLE` payload: u64 offset, u32
+/// hole size.
+fn offset_hole(i: &[u8]) -> PResult<'_, (u64, u32)> {
+    (be_u64, be_u32).parse(i)
 }
 
 /// A parsed error chunk, borrowing its message from the payload.
@@ -210,65 +216,86 @@ pub struct ErrorChunk<'a> {
 /// Any failure is "inconsistent contents" and fatal to the connection. A type
 /// without bit 15 gives [`WireError::BadValue`].
 pub fn parse_error_chunk(typ: u16, p: &[u8]) -> Result<ErrorChunk<'_>, WireError> {
-    if typ & chunk::FLAG_ERROR == 0 {
-        return Err(WireError::BadValue {
+    let (what, _) = error_layout(typ)?;
+    run_exact(what, p, error_chunk(typ, p.len()))
+}
+
+/// Name and length of the fixed fields after the message, for an error
+/// chunk type (bit 15 set; anything else is [`WireError::BadValue`]).
+fn error_layout(typ: u16) -> Result<(&'static str, usize), WireError> {
+    match typ {
+        _ if typ & chunk::FLAG_ERROR == 0 => Err(WireError::BadValue {
             what: "error chunk type",
             value: u64::from(typ),
-        });
+        }),
+        chunk::ERROR => Ok(("ERROR chunk", 0)),
+        chunk::ERROR_OFFSET => Ok(("ERROR_OFFSET chunk", 8)),
+        _ => Ok(("error chunk", 0)),
     }
-    let (what, trailer) = match typ {
-        chunk::ERROR => ("ERROR chunk", 0usize),
-        chunk::ERROR_OFFSET => ("ERROR_OFFSET chunk", 8),
-        _ => ("error chunk", 0),
-    };
-    let len = p.len();
-    let bad_len = || WireError::BadLength {
-        what,
-        len: len64(len),
-    };
-    let min = 6usize.saturating_add(trailer);
-    if len < min {
-        return Err(bad_len());
-    }
-    // Room left for the message once the fixed fields are accounted for.
-    let room = len - min;
-    let strict = typ == chunk::ERROR || typ == chunk::ERROR_OFFSET;
-    let fields = map_res((be_u32, be_u16), |(error, msglen)| {
-        let msglen = usize::from(msglen);
-        if msglen > room {
-            Err(WireError::InnerLengthOverflow {
-                what,
-                inner: len64(msglen),
-                outer: len64(len),
-            })
-        } else if strict && msglen != room {
-            Err(bad_len())
-        } else if error == 0 {
-            Err(WireError::BadValue {
-                what: "error chunk error value",
-                value: 0,
-            })
-        } else if msglen > MAX_STRING_LEN {
-            Err(WireError::BadLength {
-                what: "error chunk message",
-                len: len64(msglen),
-            })
-        } else {
-            Ok((error, msglen))
-        }
-    });
-    let chunk = fields.flat_map(|(error, msglen)| {
-        (take(msglen), cond(typ == chunk::ERROR_OFFSET, be_u64)).map(move |(message, offset)| {
-            ErrorChunk {
-                error,
-                message,
-                offset,
+}
+
+/// nom parser of an error chunk payload of `len` bytes (the chunk
+/// header's length): u32 error, u16 message length, the message, the u64
+/// offset of ERROR_OFFSET, and for unknown types whatever bytes remain.
+/// See [`parse_error_chunk`] for the rules, all checked from the fixed
+/// fields before the message is read.
+fn error_chunk<'a>(typ: u16, len: usize) -> impl FnMut(&'a [u8]) -> PResult<'a, ErrorChunk<'a>> {
+    move |i| {
+        let (what, trailer) = error_layout(typ).map_err(fail)?;
+        let bad_len = move || WireError::BadLength {
+            what,
+            len: len64(len),
+        };
+        // Room left for the message once the fixed fields are accounted for.
+        let room = len
+            .checked_sub(6 + trailer)
+            .ok_or_else(|| fail(bad_len()))?;
+        let strict = typ == chunk::ERROR || typ == chunk::ERROR_OFFSET;
+        let fields = map_res((be_u32, be_u16), move |(error, msglen)| {
+            let msglen = usize::from(msglen);
+            if msglen > room {
+                Err(WireError::InnerLengthOverflow {
+                    what,
+                    inner: len64(msglen),
+                    outer: len64(len),
+                })
+            } else if strict && msglen != room {
+                Err(bad_len())
+            } else if error == 0 {
+                Err(WireError::BadValue {
+                    what: "error chunk error value",
+                    value: 0,
+                })
+            } else if msglen > MAX_STRING_LEN {
+                Err(WireError::BadLength {
+                    what: "error chunk message",
+                    len: len64(msglen),
+                })
+            } else {
+                Ok((error, msglen))
             }
-        })
-    });
-    // Unknown error types may carry bytes after the message: ignore them.
-    let (e, _) = run_exact(what, p, (chunk, nom::combinator::rest))?;
-    Ok(e)
+        });
+        fields
+            .flat_map(move |(error, msglen)| {
+                (
+                    take(msglen),
+                    cond(typ == chunk::ERROR_OFFSET, be_u64),
+                    // Unknown error types may carry more bytes: ignored.
+                    take(room - msglen),
+                )
+                    .map(move |(message, offset, _)| ErrorChunk {
+                        error,
+                        message,
+                        offset,
+                    })
+            })
+            .parse(i)
+    }
+}
+
+/// A fatal error for a nom parser.
+fn fail(e: WireError) -> nom::Err<Fail> {
+    nom::Err::Failure(Fail::Wire(e))
 }
 
 /// One block status extent: a length (never 0) and its status flags.
@@ -537,6 +564,7 @@ pub fn encode_chunk_header(
 mod tests {
     use super::*;
     use crate::consts::reply_flags;
+    use crate::wire::testing::splits;
     use proptest::prelude::*;
 
     const MODES: [HeaderMode; 3] = [
@@ -1290,6 +1318,93 @@ mod tests {
             Ok(8)
         );
         assert_eq!(out.len(), 1);
+    }
+
+    // ---- split at every offset ----
+
+    #[test]
+    fn reply_header_split_at_every_offset() {
+        // The caller's protocol: wait for 4 bytes, learn the length from the
+        // magic, wait for that many, parse exactly those.
+        let mut s = BytesMut::new();
+        encode_simple_reply(5, 9, &mut s);
+        let mut c = BytesMut::new();
+        encode_chunk_header(HeaderMode::Structured, 1, 2, 3, 0, 4, &mut c);
+        let mut e = BytesMut::new();
+        encode_chunk_header(HeaderMode::Extended, 1, 2, 3, 4, 5, &mut e);
+        for (msg, mode) in [
+            (&s[..], HeaderMode::Simple),
+            (&s[..], HeaderMode::Structured),
+            (&c[..], HeaderMode::Structured),
+            (&e[..], HeaderMode::Extended),
+        ] {
+            let whole = parse_reply_header(msg, mode).unwrap();
+            for k in 0..msg.len() {
+                let have = &msg[..k];
+                if let Some(m) = have.first_chunk::<4>() {
+                    let n = reply_header_len(u32::from_be_bytes(*m), mode).unwrap();
+                    assert_eq!(n, msg.len());
+                    assert!(k < n);
+                }
+                // Parsing too early is refused, never a wrong header.
+                assert_eq!(
+                    parse_reply_header(have, mode),
+                    Err(WireError::BadLength {
+                        what: "reply header",
+                        len: len64(k)
+                    })
+                );
+            }
+            assert_eq!(parse_reply_header(msg, mode), Ok(whole));
+        }
+    }
+
+    #[test]
+    fn hole_split_at_every_offset() {
+        let p = [0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 2, 0];
+        assert_eq!(splits(&p, offset_hole), Ok((4096, 512)));
+        assert_eq!(parse_offset_hole(&p), Ok((4096, 512)));
+    }
+
+    #[test]
+    fn error_chunk_split_at_every_offset() {
+        for (typ, p) in [
+            (chunk::ERROR, error_payload(5, b"boom", None, &[])),
+            (chunk::ERROR, error_payload(5, b"", None, &[])),
+            (chunk::ERROR_OFFSET, error_payload(5, b"x", Some(7), &[])),
+            (0x8123, error_payload(95, b"hi", None, &[1, 2, 3])),
+        ] {
+            let whole = parse_error_chunk(typ, &p).unwrap();
+            assert_eq!(splits(&p, error_chunk(typ, p.len())), Ok(whole));
+        }
+        // Bad fixed fields are refused as soon as they are in, before the
+        // message is read: a zero error, a message over 4096 bytes.
+        let p = error_payload(0, b"x", None, &[]);
+        let e = splits(&p, error_chunk(chunk::ERROR, p.len()));
+        assert_eq!(
+            e,
+            Err(Fail::Wire(parse_error_chunk(chunk::ERROR, &p).unwrap_err()))
+        );
+        assert!(matches!(
+            error_chunk(chunk::ERROR, p.len())(&p[..6]),
+            Err(nom::Err::Error(Fail::Wire(WireError::BadValue { .. })))
+        ));
+    }
+
+    #[test]
+    fn error_message_over_limit_before_reading_it() {
+        let long = vec![b'a'; MAX_STRING_LEN + 1];
+        let p = error_payload(5, &long, None, &[]);
+        let want = WireError::BadLength {
+            what: "error chunk message",
+            len: 4097,
+        };
+        // Only the 6 fixed bytes have arrived: the limit is already known.
+        assert_eq!(
+            error_chunk(chunk::ERROR, p.len())(&p[..6]),
+            Err(nom::Err::Error(Fail::Wire(want.clone())))
+        );
+        assert_eq!(parse_error_chunk(chunk::ERROR, &p), Err(want));
     }
 
     // ---- property tests ----
