@@ -95,8 +95,9 @@ pub enum WireError {
 /// Error type of the nom parsers in this module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Fail {
-    /// A combinator did not match (in practice: a complete-input check
-    /// such as `eof` failed); the wrappers report it as a bad length.
+    /// A nom combinator did not match. None of the parsers here use one
+    /// that can (such as `tag` or `verify`); nom's `ParseError` needs the
+    /// case, and the wrappers report it as a bad length.
     Mismatch,
     /// A check inside the parser (`map_res`) found a protocol violation.
     Wire(WireError),
@@ -121,11 +122,13 @@ impl<I> FromExternalError<I, WireError> for Fail {
 /// Result of the nom parsers in this module.
 pub(crate) type PResult<'a, T> = IResult<&'a [u8], T, Fail>;
 
-/// Big-endian integer parsers with nom's streaming contract (`Incomplete`
-/// with the number of bytes missing when the input is short), for use in
-/// nom combinators like `nom::number::streaming::be_u32`. They read with
-/// one load instead of nom's byte-at-a-time loop, which keeps the reply
-/// header (parsed once per reply) as cheap as plain indexing.
+/// Big-endian integer parsers with the contract of
+/// `nom::number::streaming::be_u16`/`be_u32`/`be_u64` (`Incomplete` with
+/// the number of bytes missing when the input is short), used in their
+/// place in every combinator here. They read with one load instead of
+/// nom's byte-at-a-time loop behind a non-inlined call: with nom's, the
+/// reply-header loop in `examples/reply_header_loop.rs` ran 2.9 times the
+/// instructions.
 macro_rules! be_parsers {
     ($($name:ident: $t:ty),*) => {$(
         #[doc = concat!("Parses a big-endian `", stringify!($t), "` (streaming).")]
