@@ -1,6 +1,10 @@
 //! Transmission reply parsers: reply_header_len / parse_reply_header in each
 //! HeaderMode (with an encode round trip), OFFSET_DATA length and prefix,
-//! OFFSET_HOLE, error chunks and block status chunks.
+//! OFFSET_HOLE, error chunks and block status chunks. Block status goes
+//! through the same calls the state machine makes as a payload streams in
+//! (`check_block_status_len`, `parse_block_status_head`,
+//! `parse_block_status_extents`), fed in pieces the selector byte picks,
+//! and must agree with the whole-payload `parse_block_status`.
 #![no_main]
 
 use bytes::BytesMut;
@@ -9,6 +13,8 @@ use nbd_core::consts::{
     chunk, EXTENDED_REPLY_MAGIC, MAX_STRING_LEN, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC,
 };
 use nbd_core::wire::reply::{self as wrep, HeaderMode, ReplyHeader};
+use nbd_core::wire::WireError;
+use nbd_core::Extent;
 
 const MODES: [HeaderMode; 3] = [
     HeaderMode::Simple,
@@ -68,6 +74,52 @@ fn check_header(b: &[u8], mode: HeaderMode) {
     assert_eq!(&out[..], hb, "re-encoding a parsed header changed it");
 }
 
+/// Limit on extents per chunk, small enough for inputs to reach it.
+const MAX_EXTENTS: usize = 64;
+
+/// Feeds the block status payload `b` of type `typ` to the streaming
+/// parsers the way the state machine does (length check at the chunk
+/// header, then the fixed part, then descriptors as bytes arrive), with
+/// each read delivering at most `step` new bytes.
+fn stream_block_status(typ: u16, b: &[u8], step: usize) -> Result<(u32, Vec<Extent>), WireError> {
+    let length = b.len() as u64;
+    let n = wrep::check_block_status_len(typ, length, MAX_EXTENTS)?;
+    let mut arrived = 0;
+    let mut pos = 0;
+    let more = |arrived: &mut usize| {
+        let before = *arrived;
+        *arrived = (*arrived + step).min(b.len());
+        assert!(
+            *arrived > before,
+            "parser wants more than the payload holds"
+        );
+    };
+    let head = loop {
+        match wrep::parse_block_status_head(typ, length, &b[pos..arrived])? {
+            Some((h, used)) => {
+                pos += used;
+                break h;
+            }
+            None => more(&mut arrived),
+        }
+    };
+    assert_eq!(head.descriptors, n);
+    let mut out = Vec::new();
+    let mut left = n;
+    while left > 0 {
+        let before = out.len();
+        let used = wrep::parse_block_status_extents(typ, &b[pos..arrived], left, &mut out)?;
+        if used == 0 {
+            more(&mut arrived);
+            continue;
+        }
+        pos += used;
+        left -= (out.len() - before) as u64;
+    }
+    assert_eq!(pos, b.len(), "descriptors left unread");
+    Ok((head.context_id, out))
+}
+
 fuzz_target!(|data: &[u8]| {
     let Some((&sel, b)) = data.split_first() else {
         return;
@@ -125,7 +177,16 @@ fuzz_target!(|data: &[u8]| {
             length: 1,
             flags: 0,
         }];
-        match wrep::parse_block_status(typ, b, &mut out) {
+        let whole = wrep::parse_block_status(typ, b, MAX_EXTENTS, &mut out);
+        let step = usize::from(sel).max(1);
+        match stream_block_status(typ, b, step) {
+            Ok((id, ext)) => {
+                assert_eq!(whole, Ok(id));
+                assert_eq!(ext, out);
+            }
+            Err(e) => assert_eq!(whole, Err(e)),
+        }
+        match whole {
             Ok(id) => {
                 let (head, width) = if typ == chunk::BLOCK_STATUS {
                     (4, 8)
@@ -137,6 +198,7 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!((b.len() - head) % width, 0);
                 assert_eq!(out.len(), (b.len() - head) / width);
                 assert!(!out.is_empty());
+                assert!(out.len() <= MAX_EXTENTS);
                 assert!(out.iter().all(|e| e.length != 0));
                 if typ == chunk::BLOCK_STATUS {
                     assert!(

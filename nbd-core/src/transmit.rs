@@ -109,13 +109,13 @@ enum Rx {
         flags: u16,
         length: u64,
     },
-    /// Block status descriptors streaming in.
+    /// Block status descriptors streaming in; `remaining` of them to come.
     StatusBody {
         slot: u32,
+        typ: u16,
         flags: u16,
         context: u32,
         remaining: u64,
-        wide: bool,
     },
 }
 
@@ -952,25 +952,12 @@ impl Connection {
                 flags,
                 length,
             } => {
-                let wide = typ == chunk::BLOCK_STATUS_EXT;
-                let hlen = if wide { 8 } else { 4 };
-                let Some(b) = self.rx.data().get(..hlen) else {
+                let parsed = wrep::parse_block_status_head(typ, length, self.rx.data())?;
+                let Some((head, used)) = parsed else {
                     return Ok(false);
                 };
-                let context = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-                let desc = if wide { 16 } else { 8 };
-                let body = length - hlen as u64;
-                if wide {
-                    let count = u32::from_be_bytes([b[4], b[5], b[6], b[7]]);
-                    if u64::from(count) * 16 != body {
-                        return Err(WireError::BadLength {
-                            what: "NBD_REPLY_TYPE_BLOCK_STATUS_EXT descriptor count",
-                            len: u64::from(count),
-                        }
-                        .into());
-                    }
-                }
-                self.rx.consume(hlen);
+                let context = head.context_id;
+                self.rx.consume(used);
                 if !x.contexts.contains(&context) {
                     return Err(x.bad(
                         slot,
@@ -985,63 +972,42 @@ impl Connection {
                     ));
                 }
                 r.contexts_seen.push(context);
-                if body / desc > x.limits.max_extents as u64 {
-                    return Err(x.bad(slot, format!("{} extents exceed the limit", body / desc)));
-                }
                 x.extents.clear();
                 x.rx = Rx::StatusBody {
                     slot,
+                    typ,
                     flags,
                     context,
-                    remaining: body,
-                    wide,
+                    remaining: head.descriptors,
                 };
                 Ok(true)
             }
             Rx::StatusBody {
                 slot,
+                typ,
                 flags,
                 context,
                 remaining,
-                wide,
             } => {
-                let desc = if wide { 16 } else { 8 };
-                let mut consumed = 0;
-                let mut left = remaining;
-                for d in self.rx.data().chunks_exact(desc) {
-                    if left == 0 {
-                        break;
-                    }
-                    let (length, fl) = if wide {
-                        let mut a = [0u8; 8];
-                        a.copy_from_slice(&d[..8]);
-                        let mut b = [0u8; 8];
-                        b.copy_from_slice(&d[8..16]);
-                        (u64::from_be_bytes(a), u64::from_be_bytes(b))
-                    } else {
-                        (
-                            u64::from(u32::from_be_bytes([d[0], d[1], d[2], d[3]])),
-                            u64::from(u32::from_be_bytes([d[4], d[5], d[6], d[7]])),
-                        )
-                    };
-                    if length == 0 {
-                        return Err(x.bad(slot, "zero-length extent".into()));
-                    }
-                    x.extents.push(Extent { length, flags: fl });
-                    consumed += desc;
-                    left -= desc as u64;
-                }
-                if consumed == 0 && left > 0 {
+                let before = x.extents.len();
+                let consumed = wrep::parse_block_status_extents(
+                    typ,
+                    self.rx.data(),
+                    remaining,
+                    &mut x.extents,
+                )?;
+                if consumed == 0 {
                     return Ok(false);
                 }
                 self.rx.consume(consumed);
+                let left = remaining - (x.extents.len() - before) as u64;
                 if left > 0 {
                     x.rx = Rx::StatusBody {
                         slot,
+                        typ,
                         flags,
                         context,
                         remaining: left,
-                        wide,
                     };
                     return Ok(true);
                 }
@@ -1216,14 +1182,7 @@ impl Connection {
                                 ),
                             ));
                         }
-                        let (hdr, desc) = if wide { (8, 16) } else { (4, 8) };
-                        if length < hdr + desc || (length - hdr) % desc != 0 {
-                            return Err(WireError::BadLength {
-                                what: "block status chunk",
-                                len: length,
-                            }
-                            .into());
-                        }
+                        wrep::check_block_status_len(typ, length, x.limits.max_extents)?;
                         x.rx = Rx::StatusHeader {
                             slot,
                             typ,

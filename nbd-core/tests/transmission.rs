@@ -1992,7 +1992,13 @@ fn s3_10_zero_length_extent_is_fatal() {
         &status(1, &[(4096, 0), (0, 1)]),
     );
     h.feed(&r);
-    h.fatal_bad_reply("zero-length extent");
+    assert_eq!(
+        h.fatal(),
+        ProtocolError::Wire(WireError::BadValue {
+            what: "block status extent length",
+            value: 0
+        })
+    );
 }
 
 #[test]
@@ -2061,7 +2067,15 @@ fn s3_10_too_many_extents_is_fatal() {
     let ext: Vec<_> = (0..5).map(|_| (512u32, 0u32)).collect();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &ext));
     h.feed(&r);
-    h.fatal_bad_reply("exceed the limit");
+    // Refused at the chunk header, before any extent is read or stored.
+    assert_eq!(
+        h.fatal(),
+        ProtocolError::Wire(WireError::OverLimit {
+            what: "block status extents",
+            len: 5,
+            limit: 4
+        })
+    );
 }
 
 // ===========================================================================

@@ -2,8 +2,11 @@
 //! special reply to `NBD_OPT_EXPORT_NAME`.
 
 use bytes::{BufMut, BytesMut};
+use nom::combinator::map_res;
+use nom::sequence::preceded;
+use nom::Parser;
 
-use super::WireError;
+use super::{be_u16, be_u64, run_exact, run_fixed, PResult, WireError};
 use crate::consts::{IHAVEOPT, NBDMAGIC, OLDSTYLE_MAGIC};
 
 /// Bytes the client must read before it can tell the handshake style.
@@ -23,24 +26,26 @@ pub enum Style {
     Newstyle,
 }
 
-fn be64(b: &[u8]) -> u64 {
-    let mut a = [0u8; 8];
-    a.copy_from_slice(&b[..8]);
-    u64::from_be_bytes(a)
+/// nom parser of the first 16 greeting bytes (spec "Newstyle
+/// negotiation", "Oldstyle negotiation"): `NBDMAGIC`, then the magic that
+/// tells the style.
+fn greeting_prefix(i: &[u8]) -> PResult<'_, Style> {
+    let nbdmagic = map_res(be_u64, |m| match m {
+        NBDMAGIC => Ok(()),
+        other => Err(WireError::BadInitialMagic(other)),
+    });
+    let style = map_res(be_u64, |m| match m {
+        IHAVEOPT => Ok(Style::Newstyle),
+        OLDSTYLE_MAGIC => Ok(Style::Oldstyle),
+        other => Err(WireError::BadVersionMagic(other)),
+    });
+    preceded(nbdmagic, style).parse(i)
 }
 
 /// Classifies the first 16 bytes the server sent (spec §1.1); call once they
 /// are all buffered.
 pub fn parse_greeting_prefix(b: &[u8; GREETING_PREFIX_LEN]) -> Result<Style, WireError> {
-    let magic = be64(&b[..8]);
-    if magic != NBDMAGIC {
-        return Err(WireError::BadInitialMagic(magic));
-    }
-    match be64(&b[8..]) {
-        IHAVEOPT => Ok(Style::Newstyle),
-        OLDSTYLE_MAGIC => Ok(Style::Oldstyle),
-        other => Err(WireError::BadVersionMagic(other)),
-    }
+    run_exact("greeting", b, greeting_prefix)
 }
 
 /// The informative fields of an oldstyle greeting.
@@ -54,12 +59,19 @@ pub struct OldstyleFields {
     pub transmission_flags: u16,
 }
 
+/// nom parser of oldstyle greeting bytes 16..28: u64 size, u32 flags
+/// (handshake flags in the high half, transmission flags in the low half).
+fn oldstyle_fields(i: &[u8]) -> PResult<'_, (u64, u16, u16)> {
+    (be_u64, be_u16, be_u16).parse(i)
+}
+
 /// Parses greeting bytes 16..28 of an oldstyle server.
 pub fn parse_oldstyle_fields(b: &[u8; OLDSTYLE_FIELDS_LEN]) -> OldstyleFields {
+    let (size, handshake_flags, transmission_flags) = run_fixed(b, oldstyle_fields);
     OldstyleFields {
-        size: be64(&b[..8]),
-        handshake_flags: u16::from_be_bytes([b[8], b[9]]),
-        transmission_flags: u16::from_be_bytes([b[10], b[11]]),
+        size,
+        handshake_flags,
+        transmission_flags,
     }
 }
 
@@ -68,21 +80,68 @@ pub fn encode_client_flags(flags: u32, out: &mut BytesMut) {
     out.put_u32(flags);
 }
 
+/// nom parser of the first 10 bytes of the `NBD_OPT_EXPORT_NAME` reply:
+/// u64 export size, u16 transmission flags.
+fn export_name_reply(i: &[u8]) -> PResult<'_, (u64, u16)> {
+    (be_u64, be_u16).parse(i)
+}
+
 /// Parses the first 10 bytes of the reply to `NBD_OPT_EXPORT_NAME`:
 /// export size and transmission flags.
 pub fn parse_export_name_reply(b: &[u8; EXPORT_NAME_REPLY_LEN]) -> (u64, u16) {
-    (be64(&b[..8]), u16::from_be_bytes([b[8], b[9]]))
+    run_fixed(b, export_name_reply)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::testing::splits;
+    use crate::wire::Fail;
 
-    #[test]
-    fn rule_1_1_styles() {
+    fn newstyle() -> [u8; 16] {
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(b"NBDMAGIC");
         b[8..].copy_from_slice(b"IHAVEOPT");
+        b
+    }
+
+    #[test]
+    fn greeting_split_at_every_offset() {
+        let mut b = newstyle();
+        assert_eq!(splits(&b, greeting_prefix), Ok(Style::Newstyle));
+        b[8..].copy_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
+        assert_eq!(splits(&b, greeting_prefix), Ok(Style::Oldstyle));
+        // A bad initial magic is known after 8 bytes, a bad version after 16.
+        b[8..].copy_from_slice(b"garbage!");
+        let e = Fail::Wire(WireError::BadVersionMagic(u64::from_be_bytes(*b"garbage!")));
+        assert_eq!(splits(&b, greeting_prefix), Err(e));
+        b[..8].copy_from_slice(b"HTTP/1.1");
+        let e = Fail::Wire(WireError::BadInitialMagic(u64::from_be_bytes(*b"HTTP/1.1")));
+        assert_eq!(splits(&b, greeting_prefix), Err(e.clone()));
+        assert!(matches!(greeting_prefix(&b[..8]), Err(nom::Err::Error(f)) if f == e));
+    }
+
+    #[test]
+    fn fixed_fields_split_at_every_offset() {
+        let mut o = [0u8; 12];
+        o[..8].copy_from_slice(&(5u64 << 33).to_be_bytes());
+        o[8..].copy_from_slice(&[0, 1, 0, 3]);
+        assert_eq!(splits(&o, super::oldstyle_fields), Ok((5 << 33, 1, 3)));
+        let f = parse_oldstyle_fields(&o);
+        assert_eq!(
+            (f.size, f.handshake_flags, f.transmission_flags),
+            (5 << 33, 1, 3)
+        );
+        let mut e = [0u8; 10];
+        e[..8].copy_from_slice(&7u64.to_be_bytes());
+        e[9] = 0x41;
+        assert_eq!(splits(&e, super::export_name_reply), Ok((7, 0x41)));
+        assert_eq!(parse_export_name_reply(&e), (7, 0x41));
+    }
+
+    #[test]
+    fn rule_1_1_styles() {
+        let mut b = newstyle();
         assert_eq!(parse_greeting_prefix(&b), Ok(Style::Newstyle));
         b[8..].copy_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
         assert_eq!(parse_greeting_prefix(&b), Ok(Style::Oldstyle));

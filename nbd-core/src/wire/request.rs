@@ -5,11 +5,11 @@
 //! test fake server and for fuzzers.
 
 use bytes::{BufMut, BytesMut};
-use nom::number::complete::{be_u16, be_u32, be_u64};
+use nom::combinator::map_res;
 use nom::Parser;
 
-use super::WireError;
-use crate::consts::{EXTENDED_REQUEST_LEN, EXTENDED_REQUEST_MAGIC, REQUEST_LEN, REQUEST_MAGIC};
+use super::{be_u16, be_u32, be_u64, run_exact, Fail, PResult, WireError};
+use crate::consts::{EXTENDED_REQUEST_MAGIC, REQUEST_MAGIC};
 
 /// One request header as it goes on the wire.
 ///
@@ -98,6 +98,41 @@ pub fn encode_block_status_filter(effect_len: u64, ids: &[u32], out: &mut BytesM
     }
 }
 
+/// nom parser of a request magic: `false` for the compact header, `true`
+/// for the extended one (spec "Request message").
+fn request_magic(i: &[u8]) -> PResult<'_, bool> {
+    map_res(be_u32, |m| match m {
+        REQUEST_MAGIC => Ok(false),
+        EXTENDED_REQUEST_MAGIC => Ok(true),
+        other => Err(WireError::BadRequestMagic(other)),
+    })
+    .parse(i)
+}
+
+/// nom parser of a whole request header: the magic, then flags, type,
+/// cookie, offset, and a u32 (compact) or u64 (extended) length.
+fn request(i: &[u8]) -> PResult<'_, RequestHeader> {
+    request_magic
+        .flat_map(|extended| {
+            let length = move |i| {
+                if extended {
+                    be_u64(i)
+                } else {
+                    be_u32.map(u64::from).parse(i)
+                }
+            };
+            (be_u16, be_u16, be_u64, be_u64, length)
+        })
+        .map(|(flags, typ, cookie, offset, length)| RequestHeader {
+            flags,
+            typ,
+            cookie,
+            offset,
+            length,
+        })
+        .parse(i)
+}
+
 /// Parses a request header of exactly 28 (compact) or 32 (extended) bytes,
 /// telling the two apart by the magic.
 ///
@@ -105,58 +140,35 @@ pub fn encode_block_status_filter(effect_len: u64, ids: &[u32], out: &mut BytesM
 /// arrived. An unknown magic gives [`WireError::BadRequestMagic`]; a slice
 /// whose length does not match its magic gives [`WireError::BadLength`].
 pub fn parse_request(b: &[u8]) -> Result<RequestHeader, WireError> {
-    let bad_len = |what| WireError::BadLength {
-        what,
-        len: u64::try_from(b.len()).unwrap_or(u64::MAX),
+    let what = match request_magic(b) {
+        Ok((_, false)) => "compact request header",
+        Ok((_, true)) => "extended request header",
+        Err(nom::Err::Error(Fail::Wire(e)) | nom::Err::Failure(Fail::Wire(e))) => return Err(e),
+        Err(_) => "request header",
     };
-    let (rest, magic) =
-        be_u32::<_, nom::error::Error<&[u8]>>(b).map_err(|_| bad_len("request header"))?;
-    let extended = match magic {
-        REQUEST_MAGIC => false,
-        EXTENDED_REQUEST_MAGIC => true,
-        other => return Err(WireError::BadRequestMagic(other)),
-    };
-    let (want, what) = if extended {
-        (EXTENDED_REQUEST_LEN, "extended request header")
-    } else {
-        (REQUEST_LEN, "compact request header")
-    };
-    if b.len() != want {
-        return Err(bad_len(what));
-    }
-    let (rest, (flags, typ, cookie, offset)) = (
-        be_u16::<_, nom::error::Error<&[u8]>>,
-        be_u16,
-        be_u64,
-        be_u64,
-    )
-        .parse(rest)
-        .map_err(|_| bad_len(what))?;
-    let length = if extended {
-        be_u64::<_, nom::error::Error<&[u8]>>(rest)
-            .map_err(|_| bad_len(what))?
-            .1
-    } else {
-        u64::from(
-            be_u32::<_, nom::error::Error<&[u8]>>(rest)
-                .map_err(|_| bad_len(what))?
-                .1,
-        )
-    };
-    Ok(RequestHeader {
-        flags,
-        typ,
-        cookie,
-        offset,
-        length,
-    })
+    run_exact(what, b, request)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::consts::{cmd, cmd_flags};
+    use crate::consts::{cmd, cmd_flags, EXTENDED_REQUEST_LEN, REQUEST_LEN};
+    use crate::wire::testing::splits;
     use proptest::prelude::*;
+
+    #[test]
+    fn split_at_every_offset() {
+        for ext in [false, true] {
+            let (arr, n) = encode_request_array(&hdr(), ext).unwrap();
+            assert_eq!(splits(&arr[..n], request), Ok(hdr()));
+        }
+        let (mut arr, n) = encode_request_array(&hdr(), false).unwrap();
+        arr[0] = 0;
+        assert_eq!(
+            splits(&arr[..n], request),
+            Err(Fail::Wire(WireError::BadRequestMagic(0x0060_9513)))
+        );
+    }
 
     fn hdr() -> RequestHeader {
         RequestHeader {
