@@ -8,14 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-for tool in cc pkg-config nbdkit taskset python3; do
-    command -v "$tool" >/dev/null || { echo "bench: $tool not found (bash .ci/run installs the packages)" >&2; exit 1; }
-done
-pkg-config --exists libnbd || { echo "bench: libnbd-dev not installed" >&2; exit 1; }
-
-mkdir -p target/bench
-cc -O2 -Wall -o target/bench/libnbd-aio-bench bench/libnbd-aio-bench.c $(pkg-config --cflags --libs libnbd)
-cargo build -q --release --locked -p nbd-mio --example aio-bench
+bash bench/build.sh
+command -v taskset >/dev/null || { echo "bench: taskset not found (util-linux)" >&2; exit 1; }
 
 out=${1:-bench/results.jsonl}
 if [ "${QUICK:-0}" = 1 ] && [ $# -eq 0 ]; then
