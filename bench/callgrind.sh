@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "bench: valgrind not found (bash .ci/run installs it)" >&2; exit 1; }
-bash bench/build.sh
+source bench/build.sh
 
 OP=${OP:-read} RS=${RS:-4k} QD=${QD:-16} N=${N:-32m}
 bytes() { python3 -c 'import sys; s=sys.argv[1].lower(); m={"k":1<<10,"m":1<<20,"g":1<<30}.get(s[-1:],1); print(int(s.rstrip("kmg"))*m)' "$1"; }
@@ -36,8 +36,8 @@ echo "$OP rs=$RS qd=$QD, runs of $N and 2x$N ($requests extra requests), nbdkit 
 printf '%-8s %14s %14s\n' client instr/req allocs/req
 for client in nbd-rs libnbd; do
     case $client in
-        nbd-rs) bin=target/release/examples/aio-bench ;;
-        libnbd) bin=target/bench/libnbd-aio-bench ;;
+        nbd-rs) bin=$NBD_RS ;;
+        libnbd) bin=$LIBNBD ;;
     esac
     for k in 1 2; do
         valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.$client.$k" \

@@ -8,12 +8,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-bash bench/build.sh
+source bench/build.sh
 command -v taskset >/dev/null || { echo "bench: taskset not found (util-linux)" >&2; exit 1; }
 
 out=${1:-bench/results.jsonl}
 if [ "${QUICK:-0}" = 1 ] && [ $# -eq 0 ]; then
-    out=target/bench/quick.jsonl
+    out=$TARGET/bench/quick.jsonl
     rm -f "$out"
 fi
 OUT=$out python3 bench/compare.py
