@@ -15,8 +15,8 @@ the FIRST client measured in the same rep (min-max beside it). Put a client
 twice to see the noise. The server is stopped by its PID at the end.
 
 Example (two builds of the candidate against libnbd):
-  python3 bench/ab.py libnbd=/tmp/nbd-bench-bin/libnbd-aio-bench \\
-      libnbd-b=/tmp/nbd-bench-bin/libnbd-aio-bench \\
+  python3 bench/ab.py libnbd=target/bench/libnbd-aio-bench \\
+      libnbd-b=target/bench/libnbd-aio-bench \\
       old=/tmp/aio-bench-old new=target/release/examples/aio-bench \\
       -- -r 64k -q 16 -n 1G
 """

@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Builds both benchmark clients and races them (see BENCHMARKS.md).
-# Usage: bash bench/run.sh [OUT.jsonl]   (env: REPS, ONLY, SIZES, DEPTHS)
+# Builds both benchmark clients and races them; see bench/README.md.
+# Usage: bash bench/run.sh [OUT.jsonl]
+#   env: QUICK=1 (smoke: 4 points, 1 rep), REPS, POINTS, SERVERS, OPS, SIZES,
+#        DEPTHS, TOTAL, EXPORT, SENTINEL, PIN, NBD_RS_B (see bench/compare.py)
+# Needs only the repository plus the packages `.ci/run` installs (nbdkit,
+# libnbd-dev, pkg-config) and a C compiler.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-shared=../shared/bench
-mkdir -p /tmp/nbd-bench-bin
-cc -O2 -Wall -o /tmp/nbd-bench-bin/libnbd-aio-bench $shared/libnbd-aio-bench.c $(pkg-config --cflags --libs libnbd)
-cc -O2 -Wall -o /tmp/nbd-bench-bin/rawsock-bench $shared/rawsock-bench.c
-cargo build -q --release -p nbd-mio --example aio-bench
+
+source bench/build.sh
+command -v taskset >/dev/null || { echo "bench: taskset not found (util-linux)" >&2; exit 1; }
+
 out=${1:-bench/results.jsonl}
-CANDIDATE=$PWD/target/release/examples/aio-bench OUT=$out /usr/bin/python3 bench/compare.py
-/usr/bin/python3 $shared/summarize.py "$out"
+if [ "${QUICK:-0}" = 1 ] && [ $# -eq 0 ]; then
+    out=$TARGET/bench/quick.jsonl
+    rm -f "$out"
+fi
+OUT=$out python3 bench/compare.py
+python3 bench/table.py "$out"

@@ -50,6 +50,89 @@
 //! // }
 //! ```
 //!
+//! ## A scripted session
+//! The server's side is plain bytes, so a whole session runs without a
+//! socket: a fixed-newstyle greeting, the replies to `NBD_OPT_GO`, then a
+//! simple reply to one read.
+//! ```
+//! use bytes::BytesMut;
+//! use nbd_core::consts::{self, handshake_flags, info, opt, rep, transmission_flags};
+//! use nbd_core::{Config, Connection, Event};
+//!
+//! // Only NBD_OPT_GO: no extended headers, structured replies or meta contexts.
+//! let cfg = Config {
+//!     request_extended_headers: false,
+//!     request_structured_replies: false,
+//!     request_meta_context: false,
+//!     ..Config::default()
+//! };
+//! let mut conn = Connection::new(cfg);
+//! let mut to_server = Vec::new();
+//!
+//! // Greeting: NBDMAGIC, IHAVEOPT, handshake flags.
+//! let mut greeting = Vec::new();
+//! greeting.extend(consts::NBDMAGIC.to_be_bytes());
+//! greeting.extend(consts::IHAVEOPT.to_be_bytes());
+//! greeting.extend((handshake_flags::FIXED_NEWSTYLE | handshake_flags::NO_ZEROES).to_be_bytes());
+//! conn.handle_input(&greeting);
+//! conn.poll_transmit(&mut to_server);
+//! // The client flags, then the header of NBD_OPT_GO.
+//! assert_eq!(to_server[..4], 3u32.to_be_bytes());
+//! assert_eq!(to_server[4..12], consts::IHAVEOPT.to_be_bytes());
+//! assert_eq!(to_server[12..16], opt::GO.to_be_bytes());
+//! to_server.clear();
+//!
+//! // NBD_REP_INFO (NBD_INFO_EXPORT: 1 MiB, has flags, can flush), NBD_REP_ACK.
+//! let option_reply = |kind: u32, data: &[u8]| {
+//!     let mut r = Vec::new();
+//!     r.extend(consts::OPTION_REPLY_MAGIC.to_be_bytes());
+//!     r.extend(opt::GO.to_be_bytes());
+//!     r.extend(kind.to_be_bytes());
+//!     r.extend((data.len() as u32).to_be_bytes());
+//!     r.extend(data);
+//!     r
+//! };
+//! let mut export = info::EXPORT.to_be_bytes().to_vec();
+//! export.extend((1u64 << 20).to_be_bytes());
+//! export.extend((transmission_flags::HAS_FLAGS | transmission_flags::SEND_FLUSH).to_be_bytes());
+//! let mut replies = option_reply(rep::INFO, &export);
+//! replies.extend(option_reply(rep::ACK, &[]));
+//! // Any split works: feed it one byte at a time.
+//! for b in &replies {
+//!     conn.handle_input(std::slice::from_ref(b));
+//! }
+//! let info = loop {
+//!     match conn.poll_event().expect("an event") {
+//!         Event::GoSucceeded(info) => break info,
+//!         _ => {} // e.g. what the options along the way reported
+//!     }
+//! };
+//! assert_eq!(info.size, 1 << 20);
+//! assert!(info.can_flush() && !info.is_read_only());
+//!
+//! // Transmission: read 4 bytes at offset 512.
+//! let cookie = conn.read(512, BytesMut::zeroed(4), 0).unwrap();
+//! conn.poll_transmit(&mut to_server);
+//! assert_eq!(to_server.len(), consts::REQUEST_LEN);
+//! assert_eq!(to_server[..4], consts::REQUEST_MAGIC.to_be_bytes());
+//! assert_eq!(to_server[6..8], consts::cmd::READ.to_be_bytes());
+//! assert_eq!(to_server[16..24], 512u64.to_be_bytes());
+//! // The simple reply echoes the request's 8 cookie bytes, then the data.
+//! let mut reply = consts::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+//! reply.extend(0u32.to_be_bytes()); // no error
+//! reply.extend(&to_server[8..16]);
+//! reply.extend(b"data");
+//! conn.handle_input(&reply);
+//! match conn.poll_event() {
+//!     Some(Event::CommandDone { cookie: c, result, buffer }) => {
+//!         assert_eq!(c, cookie);
+//!         assert!(result.is_ok());
+//!         assert_eq!(&buffer.unwrap()[..], b"data");
+//!     }
+//!     other => panic!("expected the read's completion, got {other:?}"),
+//! }
+//! ```
+//!
 //! ## Errors
 //! Three kinds: a [`ProtocolError`] (the server broke the protocol; the
 //! connection ends with [`CloseReason::Protocol`], reported once), a

@@ -328,6 +328,26 @@ impl NbdUri {
     /// Use it on any user-supplied server location; the error says what is
     /// wrong. See the module documentation for the accepted forms.
     ///
+    /// ```
+    /// use nbd_core::uri::{NbdUri, Transport};
+    ///
+    /// let u = NbdUri::parse("nbd://example.com/disk%201")?;
+    /// assert_eq!(u.transport, Transport::Tcp { host: "example.com".into(), port: 10809 });
+    /// assert_eq!(u.export_name, "disk 1"); // percent-decoded, no leading '/'
+    /// assert!(!u.tls);
+    ///
+    /// let u = NbdUri::parse("nbds+unix://alice@/?socket=/run/nbd.sock&tls-type=psk")?;
+    /// assert_eq!(u.transport, Transport::Unix { path: "/run/nbd.sock".into() });
+    /// assert!(u.tls);
+    /// assert_eq!(u.export_name, ""); // the default export
+    /// assert_eq!(u.username.as_deref(), Some("alice"));
+    /// assert_eq!(u.tls_type.as_deref(), Some("psk"));
+    ///
+    /// // Mistakes are errors, never guesses: a TCP URI needs a host.
+    /// assert!(NbdUri::parse("nbd:///disk").is_err());
+    /// # Ok::<(), nbd_core::uri::UriError>(())
+    /// ```
+    ///
     /// # Errors
     ///
     /// Returns a [`UriError`] naming the first problem found: not a URI, an
