@@ -255,6 +255,70 @@ fn minus_one_sends_abort_and_exits_0() {
     server.join().unwrap();
 }
 
+/// doc/proto.md, "NBD_OPT_LIST": a listing may have no `NBD_REP_SERVER`
+/// reply at all. Like libnbd's example, ours still prompts; -1 quits with
+/// `NBD_OPT_ABORT` (seen by the server) and exit status 0.
+#[test]
+fn empty_list_minus_one_sends_abort_and_exits_0() {
+    let server = FakeServer::start(|c: &mut FakeConn| {
+        c.send_newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
+        c.recv_client_flags()?;
+        loop {
+            let (opt, _) = c.recv_option()?;
+            match opt {
+                OPT_EXTENDED_HEADERS => c.send_error(opt, REP_ERR_UNSUP, "")?,
+                // The listing: no NBD_REP_SERVER, only the ACK.
+                OPT_STRUCTURED_REPLY | OPT_LIST => c.send_ack(opt)?,
+                OPT_ABORT => {
+                    c.send_ack(opt)?;
+                    return c.expect_eof();
+                }
+                other => panic!("unexpected option {other}"),
+            }
+        }
+    });
+    let target = server.socket().to_str().unwrap().to_owned();
+    let r = list_exports(&[&target], "-1\n");
+    assert_eq!(r.stdout, PROMPT);
+    assert_eq!(r.stderr, "");
+    assert_eq!(r.status.code(), Some(0));
+    server.join().unwrap();
+}
+
+/// doc/proto.md, "NBD_OPT_LIST": with no exports listed, index 0 is out of
+/// range, as in libnbd's example: one line on stderr, exit status 1.
+#[test]
+fn empty_list_index_0_is_out_of_range() {
+    let server = FakeServer::start(|c: &mut FakeConn| {
+        c.send_newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
+        c.recv_client_flags()?;
+        loop {
+            let (opt, _) = c.recv_option()?;
+            match opt {
+                OPT_EXTENDED_HEADERS => c.send_error(opt, REP_ERR_UNSUP, "")?,
+                OPT_STRUCTURED_REPLY | OPT_LIST => c.send_ack(opt)?,
+                other => panic!("unexpected option {other}"),
+            }
+            if opt == OPT_LIST {
+                break;
+            }
+        }
+        // Whatever the client does next (ABORT or hanging up), it must
+        // not ask for an export.
+        match c.recv_option() {
+            Ok((OPT_ABORT, _)) => c.send_ack(OPT_ABORT),
+            Ok((other, _)) => panic!("unexpected option {other} after a bad index"),
+            Err(_) => Ok(()),
+        }
+    });
+    let target = server.socket().to_str().unwrap().to_owned();
+    let r = list_exports(&[&target], "0\n");
+    assert_eq!(r.stdout, PROMPT);
+    assert_eq!(r.stderr, "index 0 out of range\n");
+    assert_eq!(r.status.code(), Some(1));
+    server.join().unwrap();
+}
+
 #[test]
 fn out_of_range_and_invalid_indexes() {
     let data = scratch_dir();
