@@ -19,7 +19,6 @@ pub const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a program did: exit code (`None` if killed by a signal), standard
 /// output and standard error.
-#[derive(Debug)]
 pub struct Run {
     /// The exit code, `None` if a signal ended the program.
     pub code: Option<i32>,
@@ -27,6 +26,18 @@ pub struct Run {
     pub stdout: Vec<u8>,
     /// Everything written to standard error (lossily decoded).
     pub stderr: String,
+}
+
+impl std::fmt::Debug for Run {
+    /// Shows stdout as (lossy) text, which is what a reader of a failed
+    /// assertion wants to see.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run")
+            .field("code", &self.code)
+            .field("stdout", &String::from_utf8_lossy(&self.stdout))
+            .field("stderr", &self.stderr)
+            .finish()
+    }
 }
 
 impl Run {
