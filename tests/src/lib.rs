@@ -38,3 +38,5 @@ pub use servers::{
     make_file, make_sparse_file, nbd_server, nbdinfo, nbdkit, nbdkit_tcp, nbdkit_with, pid_alive,
     qemu_nbd, qemu_storage_daemon, scratch_dir, Server,
 };
+/// The type of [`scratch_dir`]'s directory, for callers that keep one.
+pub use tempfile::TempDir;
