@@ -3,6 +3,7 @@
 //! ([`nbd_tests::examples`]), then run as a process with scripted standard input against real servers and the
 //! fake server. The `demo` example (the README's first command) runs too.
 
+use std::io;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,40 @@ fn qemu_hello(dir: &Path, extra: &[&str]) -> Server {
     let mut args = vec!["-x", "hello"];
     args.extend_from_slice(extra);
     qemu_nbd(&args, &img)
+}
+
+/// A fake server for the example's listing: newstyle greeting,
+/// EXTENDED_HEADERS refused, STRUCTURED_REPLY acknowledged, LIST answered
+/// with `exports` (name, description) and an ACK. The first other option
+/// (or the error that came instead, such as EOF) ends the loop and goes to
+/// `then`, with every option seen so far, that one included.
+fn listing_server<F>(exports: &'static [(&'static str, &'static str)], then: F) -> FakeServer
+where
+    F: FnOnce(&mut FakeConn, io::Result<u32>, Vec<u32>) -> io::Result<()> + Send + 'static,
+{
+    FakeServer::start(move |c: &mut FakeConn| {
+        c.send_newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
+        c.recv_client_flags()?;
+        let mut seen = Vec::new();
+        loop {
+            let opt = match c.recv_option() {
+                Ok((opt, _)) => opt,
+                Err(e) => return then(c, Err(e), seen),
+            };
+            seen.push(opt);
+            match opt {
+                OPT_EXTENDED_HEADERS => c.send_error(opt, REP_ERR_UNSUP, "")?,
+                OPT_STRUCTURED_REPLY => c.send_ack(opt)?,
+                OPT_LIST => {
+                    for (name, description) in exports {
+                        c.send_server(name, description)?;
+                    }
+                    c.send_ack(opt)?;
+                }
+                _ => return then(c, Ok(opt), seen),
+            }
+        }
+    })
 }
 
 const PROMPT: &str = "Which export to connect to (-1 to quit)? ";
@@ -98,28 +133,8 @@ fn nbdkit_eval_foo_foobar_choose_1() {
 /// -1 quits with NBD_OPT_ABORT (checked on the wire) and exit status 0.
 #[test]
 fn minus_one_sends_abort_and_exits_0() {
-    let server = FakeServer::start(|c: &mut FakeConn| {
-        c.send_newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
-        c.recv_client_flags()?;
-        let mut seen = Vec::new();
-        loop {
-            let (opt, _) = c.recv_option()?;
-            seen.push(opt);
-            match opt {
-                OPT_EXTENDED_HEADERS => c.send_error(opt, REP_ERR_UNSUP, "")?,
-                OPT_STRUCTURED_REPLY => c.send_ack(opt)?,
-                OPT_LIST => {
-                    c.send_server("first", "")?;
-                    c.send_server("second", "the second one")?;
-                    c.send_ack(opt)?;
-                }
-                OPT_ABORT => {
-                    c.send_ack(opt)?;
-                    break;
-                }
-                other => panic!("unexpected option {other}"),
-            }
-        }
+    let exports = &[("first", ""), ("second", "the second one")];
+    let server = listing_server(exports, |c, opt, seen| {
         assert_eq!(
             seen,
             [
@@ -129,6 +144,7 @@ fn minus_one_sends_abort_and_exits_0() {
                 OPT_ABORT
             ]
         );
+        c.send_ack(opt?)?;
         c.expect_eof()
     });
     let target = server.socket().to_str().unwrap().to_owned();
@@ -147,22 +163,11 @@ fn minus_one_sends_abort_and_exits_0() {
 /// `NBD_OPT_ABORT` (seen by the server) and exit status 0.
 #[test]
 fn empty_list_minus_one_sends_abort_and_exits_0() {
-    let server = FakeServer::start(|c: &mut FakeConn| {
-        c.send_newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
-        c.recv_client_flags()?;
-        loop {
-            let (opt, _) = c.recv_option()?;
-            match opt {
-                OPT_EXTENDED_HEADERS => c.send_error(opt, REP_ERR_UNSUP, "")?,
-                // The listing: no NBD_REP_SERVER, only the ACK.
-                OPT_STRUCTURED_REPLY | OPT_LIST => c.send_ack(opt)?,
-                OPT_ABORT => {
-                    c.send_ack(opt)?;
-                    return c.expect_eof();
-                }
-                other => panic!("unexpected option {other}"),
-            }
-        }
+    // The listing: no NBD_REP_SERVER, only the ACK.
+    let server = listing_server(&[], |c, opt, _| {
+        assert_eq!(opt?, OPT_ABORT);
+        c.send_ack(OPT_ABORT)?;
+        c.expect_eof()
     });
     let target = server.socket().to_str().unwrap().to_owned();
     let r = list_exports(&[&target], "-1\n");
@@ -176,27 +181,12 @@ fn empty_list_minus_one_sends_abort_and_exits_0() {
 /// range, as in libnbd's example: one line on stderr, exit status 1.
 #[test]
 fn empty_list_index_0_is_out_of_range() {
-    let server = FakeServer::start(|c: &mut FakeConn| {
-        c.send_newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
-        c.recv_client_flags()?;
-        loop {
-            let (opt, _) = c.recv_option()?;
-            match opt {
-                OPT_EXTENDED_HEADERS => c.send_error(opt, REP_ERR_UNSUP, "")?,
-                OPT_STRUCTURED_REPLY | OPT_LIST => c.send_ack(opt)?,
-                other => panic!("unexpected option {other}"),
-            }
-            if opt == OPT_LIST {
-                break;
-            }
-        }
-        // Whatever the client does next (ABORT or hanging up), it must
-        // not ask for an export.
-        match c.recv_option() {
-            Ok((OPT_ABORT, _)) => c.send_ack(OPT_ABORT),
-            Ok((other, _)) => panic!("unexpected option {other} after a bad index"),
-            Err(_) => Ok(()),
-        }
+    // Whatever the client does after the listing (ABORT or hanging up),
+    // it must not ask for an export.
+    let server = listing_server(&[], |c, opt, _| match opt {
+        Ok(OPT_ABORT) => c.send_ack(OPT_ABORT),
+        Ok(other) => panic!("unexpected option {other} after a bad index"),
+        Err(_) => Ok(()),
     });
     let target = server.socket().to_str().unwrap().to_owned();
     let r = list_exports(&[&target], "0\n");
@@ -305,22 +295,9 @@ fn server_dies_mid_negotiation() {
 /// requested.
 #[test]
 fn server_dies_at_go() {
-    let server = FakeServer::start(|c| {
-        c.send_newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
-        c.recv_client_flags()?;
-        loop {
-            let (opt, _) = c.recv_option()?;
-            match opt {
-                OPT_EXTENDED_HEADERS => c.send_error(opt, REP_ERR_UNSUP, "")?,
-                OPT_STRUCTURED_REPLY => c.send_ack(opt)?,
-                OPT_LIST => {
-                    c.send_server("x", "")?;
-                    c.send_ack(opt)?;
-                }
-                OPT_GO => return c.close(),
-                other => panic!("unexpected option {other}"),
-            }
-        }
+    let server = listing_server(&[("x", "")], |c, opt, _| {
+        assert_eq!(opt?, OPT_GO);
+        c.close()
     });
     let sock = server.socket().to_str().unwrap().to_owned();
     let r = list_exports(&[&sock], "0\n");
