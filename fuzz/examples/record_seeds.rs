@@ -1,7 +1,8 @@
 //! Records seed inputs for the fuzz targets.
 //!
 //! `state_machine` seeds are REAL server byte streams: this program starts
-//! nbdkit, qemu-nbd and nbd-server on Unix sockets in a temporary directory,
+//! nbdkit, qemu-nbd and nbd-server with nbd-tests' launchers (Unix sockets
+//! in private temporary directories, stopped by PID),
 //! runs the fuzz harness's own scripted client ([`nbd_fuzz::Driver`]) against
 //! each, and saves every socket read as one frame of the harness's input
 //! format, behind the 4-byte setup header. Replaying a seed therefore makes
@@ -17,10 +18,11 @@
 
 use std::fs;
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use nbd_core::consts::{
@@ -29,135 +31,76 @@ use nbd_core::consts::{
 use nbd_core::wire::reply::{encode_chunk_header, encode_simple_reply, HeaderMode};
 use nbd_core::wire::request::{encode_request, RequestHeader};
 use nbd_fuzz::{feed, push_frame, Driver, Setup, HEADER_LEN};
+use nbd_tests::{make_sparse_file, scratch_dir, Server, TempDir};
 
 /// Largest seed written; bigger recordings are reported and skipped.
 const MAX_SEED: usize = 64 * 1024;
 
-struct Server {
-    child: Child,
-    dir: PathBuf,
+/// A server started for one recording, and the data it serves. The
+/// fields drop in order: the server stops (by PID) before its image goes.
+struct Running {
+    server: Server,
+    _data: Option<TempDir>,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn have(bin: &str) -> bool {
-    Command::new("sh")
+/// Whether `bin` is on `PATH`; a missing server is skipped, not an error.
+fn have(bin: &str, tag: &str) -> bool {
+    let found = Command::new("sh")
         .args(["-c", &format!("command -v {bin}")])
         .stdout(Stdio::null())
         .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn scratch(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("nbd-fuzz-rec-{}-{tag}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).expect("temp dir");
-    d
-}
-
-fn wait_for(path: &Path) {
-    let t = Instant::now();
-    while !path.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{path:?} never appeared"
-        );
-        std::thread::sleep(Duration::from_millis(10));
+        .is_ok_and(|s| s.success());
+    if !found {
+        eprintln!("skip {tag}: {bin} not installed");
     }
+    found
 }
 
-/// nbdkit in the foreground, dying with us; `args` go before the plugin.
-fn nbdkit(tag: &str, args: &[&str]) -> Option<(Server, PathBuf)> {
-    if !have("nbdkit") {
-        eprintln!("skip {tag}: nbdkit not installed");
+/// nbdkit (nbd-tests' launcher); `args` are nbdkit flags, then the plugin.
+fn nbdkit(tag: &str, args: &[&str]) -> Option<Running> {
+    have("nbdkit", tag).then(|| Running {
+        server: nbd_tests::nbdkit(args),
+        _data: None,
+    })
+}
+
+/// A sparse 1 MiB image with data (0x5a) in the first 64 KiB: the rest is
+/// a hole, so block status and structured reads see both kinds.
+fn image(name: &str) -> (TempDir, PathBuf) {
+    let dir = scratch_dir();
+    let img = make_sparse_file(dir.path(), name, 1 << 20);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .and_then(|f| f.write_all_at(&[0x5a; 65536], 0))
+        .expect("write image");
+    (dir, img)
+}
+
+/// qemu-nbd on a raw image, export "exp".
+fn qemu_nbd(tag: &str) -> Option<Running> {
+    if !have("qemu-nbd", tag) {
         return None;
     }
-    let dir = scratch(tag);
-    let sock = dir.join("sock");
-    let pid = dir.join("pid");
-    let child = Command::new("nbdkit")
-        .args(["--exit-with-parent", "-f", "-U"])
-        .arg(&sock)
-        .arg("-P")
-        .arg(&pid)
-        .args(args)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn nbdkit");
-    let s = Server { child, dir };
-    wait_for(&pid);
-    wait_for(&sock);
-    Some((s, sock))
+    let (data, img) = image("disk.raw");
+    Some(Running {
+        server: nbd_tests::qemu_nbd(&["-x", "exp", "-e", "4"], &img),
+        _data: Some(data),
+    })
 }
 
-/// qemu-nbd on a sparse raw file with data in the first 64 KiB, export "exp".
-fn qemu_nbd(tag: &str) -> Option<(Server, PathBuf)> {
-    if !have("qemu-nbd") {
-        eprintln!("skip {tag}: qemu-nbd not installed");
+/// nbd-server 3.x (no structured replies), export "exp" with trim, flush
+/// and FUA.
+fn nbd_server(tag: &str) -> Option<Running> {
+    if !have("nbd-server", tag) {
         return None;
     }
-    let dir = scratch(tag);
-    let img = dir.join("disk.raw");
-    {
-        let mut f = fs::File::create(&img).expect("image");
-        f.write_all(&vec![0x5a; 65536]).expect("write image");
-        f.set_len(1 << 20).expect("size image");
-    }
-    let sock = dir.join("sock");
-    let child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "-t", "-e", "4", "-x", "exp", "-k"])
-        .arg(&sock)
-        .arg(&img)
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn qemu-nbd");
-    let s = Server { child, dir };
-    wait_for(&sock);
-    Some((s, sock))
-}
-
-/// nbd-server 3.x (no structured replies), export "exp", in the foreground.
-fn nbd_server(tag: &str) -> Option<(Server, PathBuf)> {
-    if !have("nbd-server") {
-        eprintln!("skip {tag}: nbd-server not installed");
-        return None;
-    }
-    let dir = scratch(tag);
-    let img = dir.join("disk.img");
-    fs::File::create(&img)
-        .and_then(|f| f.set_len(1 << 20))
-        .expect("image");
-    let sock = dir.join("sock");
-    let conf = dir.join("conf");
-    fs::write(
-        &conf,
-        format!(
-            "[generic]\n    unixsock = {}\n    allowlist = true\n[exp]\n    exportname = {}\n    \
-             trim = true\n    flush = true\n    fua = true\n",
-            sock.display(),
-            img.display()
-        ),
-    )
-    .expect("config");
-    // -d: no fork, serves one client, then exits; we kill it anyway.
-    let child = Command::new("nbd-server")
-        .arg("-C")
-        .arg(&conf)
-        .arg("-d")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn nbd-server");
-    let s = Server { child, dir };
-    wait_for(&sock);
-    Some((s, sock))
+    let (data, img) = image("disk.img");
+    let opts: &[(&str, &str)] = &[("trim", "true"), ("flush", "true"), ("fua", "true")];
+    Some(Running {
+        server: nbd_tests::nbd_server(&[("exp", &img, opts)]),
+        _data: Some(data),
+    })
 }
 
 /// Runs the harness's client against the server at `sock` and returns the
@@ -223,7 +166,7 @@ fn record_streams(dir: &Path) {
     let dir = dir.join("state_machine");
     fs::create_dir_all(&dir).expect("seed dir");
     // (name, server, setup bits, split byte)
-    type Start = fn(&str) -> Option<(Server, PathBuf)>;
+    type Start = fn(&str) -> Option<Running>;
     let runs: &[(&str, Start, u16, u8)] = &[
         (
             "nbdkit-memory-auto",
@@ -349,10 +292,10 @@ fn record_streams(dir: &Path) {
         ("nbd-server-opt", nbd_server, OPT | NAMED, 0x0f),
     ];
     for (name, start, bits, split) in runs {
-        let Some((_server, sock)) = start(name) else {
+        let Some(running) = start(name) else {
             continue;
         };
-        let seed = record(&sock, setup(*bits), *split);
+        let seed = record(running.server.socket(), setup(*bits), *split);
         save(&dir, name, &seed);
     }
 }

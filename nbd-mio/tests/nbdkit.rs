@@ -4,12 +4,12 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener};
+use std::net::TcpListener;
 
 use bytes::{Bytes, BytesMut};
-use common::{pattern, Harness, Nbdkit};
+use common::{pattern, Harness};
 use nbd_mio::{CloseReason, Config, Cookie, Error, Event, NbdConnection, OptionKind, Phase};
+use nbd_tests::{nbdkit, nbdkit_tcp};
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
@@ -49,12 +49,12 @@ fn disconnect(h: &mut Harness) {
 
 #[test]
 fn opt_mode_list_go_and_64_requests_in_flight() {
-    let srv = Nbdkit::start(&["memory", "64M"]);
+    let srv = nbdkit(&["memory", "64M"]);
     let cfg = Config {
         opt_mode: true,
         ..Config::default()
     };
-    let nbd = NbdConnection::connect_unix(&srv.sock, cfg).expect("connect");
+    let nbd = NbdConnection::connect_unix(srv.socket(), cfg).expect("connect");
     let mut h = Harness::new(nbd);
     h.run_until(|n| n.phase() != Phase::Connecting);
     assert_eq!(h.nbd.phase(), Phase::Negotiating);
@@ -145,7 +145,7 @@ fn opt_mode_list_go_and_64_requests_in_flight() {
 /// Registering adds no file descriptor (no clone of the registry).
 #[test]
 fn a_command_on_an_idle_connection_is_sent_without_rearming() {
-    let srv = Nbdkit::start(&["memory", "1M"]);
+    let srv = nbdkit(&["memory", "1M"]);
     let nbd = NbdConnection::connect(&srv.uri(), Config::default()).expect("connect");
     let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
     let before = fds();
@@ -170,10 +170,10 @@ fn a_command_on_an_idle_connection_is_sent_without_rearming() {
 
 #[test]
 fn large_writes_with_small_socket_buffers_complete() {
-    let srv = Nbdkit::start(&["memory", "64M"]);
+    let srv = nbdkit(&["memory", "64M"]);
     // Tiny kernel buffers: every 8 MiB write and read needs many partial
     // socket calls.
-    let s = std::os::unix::net::UnixStream::connect(&srv.sock).expect("connect");
+    let s = std::os::unix::net::UnixStream::connect(srv.socket()).expect("connect");
     rustix::net::sockopt::set_socket_send_buffer_size(&s, 4096).expect("SO_SNDBUF");
     rustix::net::sockopt::set_socket_recv_buffer_size(&s, 4096).expect("SO_RCVBUF");
     s.set_nonblocking(true).expect("non-blocking");
@@ -227,38 +227,10 @@ fn large_writes_with_small_socket_buffers_complete() {
     disconnect(&mut h);
 }
 
-/// Relays one TCP connection to the Unix socket (nbdkit is started on a
-/// Unix socket so the test needs no fixed port); returns the TCP port.
-fn tcp_relay(sock: &std::path::Path) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
-    let sock = sock.to_owned();
-    std::thread::spawn(move || {
-        let (tcp, _) = listener.accept().expect("accept");
-        let unix = std::os::unix::net::UnixStream::connect(&sock).expect("connect nbdkit");
-        let (mut t2, mut u2) = (tcp.try_clone().unwrap(), unix.try_clone().unwrap());
-        let up = std::thread::spawn(move || {
-            let _ = std::io::copy(&mut t2, &mut u2);
-            let _ = u2.shutdown(Shutdown::Write);
-        });
-        let (mut t, mut u) = (tcp, unix);
-        let mut buf = vec![0u8; 64 * KIB];
-        while let Ok(n) = u.read(&mut buf) {
-            if n == 0 || t.write_all(&buf[..n]).is_err() {
-                break;
-            }
-        }
-        let _ = t.shutdown(Shutdown::Write);
-        let _ = up.join();
-    });
-    port
-}
-
 #[test]
 fn tcp_uri_round_trip() {
-    let srv = Nbdkit::start(&["memory", "16M"]);
-    let port = tcp_relay(&srv.sock);
-    let uri = format!("nbd://127.0.0.1:{port}/");
+    let srv = nbdkit_tcp(&[], &["memory", "16M"]);
+    let uri = srv.uri();
     let nbd = NbdConnection::connect_uri(&uri, Config::default()).expect("connect");
     assert_eq!(nbd.target(), uri);
     let mut h = Harness::new(nbd);
@@ -307,7 +279,7 @@ fn refused_tcp_connect_ends_with_a_transport_error() {
 
 #[test]
 fn opt_abort_ends_cleanly() {
-    let srv = Nbdkit::start(&["memory", "1M"]);
+    let srv = nbdkit(&["memory", "1M"]);
     let cfg = Config {
         opt_mode: true,
         ..Config::default()

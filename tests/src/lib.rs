@@ -17,6 +17,8 @@
 //!   sends: malformed or unexpected replies, wrong cookies, overlapping
 //!   chunks, early disconnects, and exact protocol sequences.
 //!
+//! [`examples`] builds and runs nbd-std's example programs as processes.
+//!
 //! [`proto`] holds the NBD protocol constants and payload builders that both
 //! need. They are defined here, independently of `nbd-core`, so that a bug in
 //! the client's constants cannot hide itself in the tests.
@@ -26,6 +28,7 @@
 
 #![warn(missing_docs)]
 
+pub mod examples;
 pub mod fake;
 pub mod proto;
 pub mod servers;
@@ -35,3 +38,5 @@ pub use servers::{
     make_file, make_sparse_file, nbd_server, nbdinfo, nbdkit, nbdkit_tcp, nbdkit_with, pid_alive,
     qemu_nbd, qemu_storage_daemon, scratch_dir, Server,
 };
+/// The type of [`scratch_dir`]'s directory, for callers that keep one.
+pub use tempfile::TempDir;

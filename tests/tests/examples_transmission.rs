@@ -2,22 +2,15 @@
 //! `server-flags`, `reads-and-writes`, `batched-read-write`,
 //! `strict-structured-reads`), run as programs against real servers.
 //!
-//! The examples are built once per test process with `cargo build -p
-//! nbd-std --examples` and run from `target/debug/examples` (or
-//! `$CARGO_TARGET_DIR/debug/examples`). Every test checks the exit status,
-//! stdout and stderr: success is status 0 with nothing on stderr; a failure
+//! The examples are built and run by [`nbd_tests::examples`]. Every test
+//! checks the exit status, stdout and stderr: success is status 0 with nothing on stderr; a failure
 //! is status 1 with exactly one line on stderr and no panic.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::OnceLock;
-use std::thread::sleep;
-use std::time::{Duration, Instant};
 
 use nbd_std::{Client, Config};
+use nbd_tests::examples::{run_example, Run};
 use nbd_tests::fake::FakeServer;
 use nbd_tests::proto::*;
 use nbd_tests::{
@@ -25,113 +18,11 @@ use nbd_tests::{
     Server,
 };
 
-/// Longest any example may run before the test fails.
-const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
 
-// ------------------------------------------------------------------ harness
-
-/// Builds the examples (once) and returns the directory that holds them.
-fn examples_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
-    DIR.get_or_init(|| {
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace directory")
-            .to_path_buf();
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "nbd-std", "--examples"])
-            .current_dir(&workspace)
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building the examples failed: {status}");
-        let target = match std::env::var_os("CARGO_TARGET_DIR") {
-            Some(d) if Path::new(&d).is_absolute() => PathBuf::from(d),
-            Some(d) => workspace.join(d),
-            None => workspace.join("target"),
-        };
-        target.join("debug").join("examples")
-    })
-}
-
-/// What an example did.
-#[derive(Debug)]
-struct Run {
-    code: Option<i32>,
-    stdout: Vec<u8>,
-    stderr: String,
-}
-
-impl Run {
-    fn stdout_text(&self) -> String {
-        String::from_utf8(self.stdout.clone()).expect("stdout is UTF-8")
-    }
-
-    /// Status 0, nothing on stderr.
-    fn assert_ok(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "{self:?}");
-        assert_eq!(self.stderr, "", "{self:?}");
-        self
-    }
-
-    /// Status 1, exactly one line on stderr containing `needle`, no panic.
-    fn assert_one_line_error(&self, needle: &str) -> &Self {
-        assert_eq!(self.code, Some(1), "{self:?}");
-        assert!(!self.stderr.contains("panicked"), "{self:?}");
-        assert!(
-            self.stderr.ends_with('\n') && self.stderr.matches('\n').count() == 1,
-            "stderr is not one line: {self:?}"
-        );
-        assert!(self.stderr.len() > 1, "empty error message: {self:?}");
-        assert!(
-            self.stderr.contains(needle),
-            "stderr lacks {needle:?}: {self:?}"
-        );
-        self
-    }
-}
-
-/// Runs example `name` with `args`, failing the test if it takes longer
-/// than [`RUN_TIMEOUT`].
+/// Runs example `name` with `args` and no input.
 fn run(name: &str, args: &[&str]) -> Run {
-    let path = examples_dir().join(name);
-    let mut child = Command::new(&path)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("run {}: {e}", path.display()));
-    // Drain the pipes on threads so that a chatty example cannot block.
-    let mut out = child.stdout.take().expect("stdout pipe");
-    let mut err = child.stderr.take().expect("stderr pipe");
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for example") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{name} {args:?} did not finish within {RUN_TIMEOUT:?}");
-        }
-        sleep(Duration::from_millis(5));
-    };
-    Run {
-        code: status.code(),
-        stdout: out_t.join().expect("stdout reader"),
-        stderr: String::from_utf8_lossy(&err_t.join().expect("stderr reader")).into_owned(),
-    }
+    run_example(name, args, "")
 }
 
 fn sock(s: &Server) -> &str {

@@ -1,135 +1,23 @@
 //! The seed program (issue 2, "The example"): nbd-std's `list-exports`
-//! example must behave exactly like libnbd's. It is built once, then run
-//! as a process with scripted standard input against real servers and the
+//! example must behave exactly like libnbd's. It is built once
+//! ([`nbd_tests::examples`]), then run as a process with scripted standard input against real servers and the
 //! fake server. The `demo` example (the README's first command) runs too.
 
-use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
-use std::thread;
+use std::io;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nbd_tests::examples::{cargo, examples_dir, run_command, run_example, Run};
 use nbd_tests::fake::FakeConn;
 use nbd_tests::proto::*;
 use nbd_tests::{make_file, nbdkit, nbdkit_with, qemu_nbd, scratch_dir, FakeServer, Server};
 
-/// How long one run of the example may take before it counts as a hang.
-const RUN_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(d) => {
-            let d = PathBuf::from(d);
-            if d.is_absolute() {
-                d
-            } else {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(d)
-            }
-        }
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
-    }
-}
-
-/// Builds `cargo build -p nbd-std --example list-exports` once per test
-/// run and returns the binary.
-fn example() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let out = Command::new(env!("CARGO"))
-            .args(["build", "-q", "-p", "nbd-std", "--example", "list-exports"])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("run cargo build");
-        assert!(
-            out.status.success(),
-            "building the list-exports example failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let bin = target_dir().join("debug/examples/list-exports");
-        assert!(bin.exists(), "{} not found after the build", bin.display());
-        bin
-    })
-}
-
-struct Run {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `program args` with `stdin` as standard input; panics (after
-/// killing it) if it has not exited within [`RUN_TIMEOUT`].
-fn run_with(mut cmd: Command, stdin: &str) -> Run {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the example");
-    let mut input = child.stdin.take().unwrap();
-    let stdin = stdin.to_owned();
-    // The child may exit before reading everything: ignore EPIPE.
-    let writer = thread::spawn(move || {
-        let _ = input.write_all(stdin.as_bytes());
-    });
-    let mut out = child.stdout.take().unwrap();
-    let mut err = child.stderr.take().unwrap();
-    let out_t = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let err_t = thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let deadline = Instant::now() + RUN_TIMEOUT;
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait for the example") {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("{cmd:?} hung for {RUN_TIMEOUT:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    };
-    writer.join().unwrap();
-    Run {
-        status,
-        stdout: out_t.join().unwrap(),
-        stderr: err_t.join().unwrap(),
-    }
-}
-
 fn list_exports(args: &[&str], stdin: &str) -> Run {
-    let mut cmd = Command::new(example());
-    cmd.args(args);
-    run_with(cmd, stdin)
+    run_example("list-exports", args, stdin)
 }
 
 fn sock(s: &Server) -> String {
     s.socket().to_str().unwrap().to_owned()
-}
-
-/// One clear line on stderr and exit status 1.
-fn assert_one_line_failure(r: &Run, what: &str) {
-    assert_eq!(r.status.code(), Some(1), "{what}: {}", r.stderr);
-    assert_eq!(
-        r.stderr.lines().count(),
-        1,
-        "{what}: stderr should be one line: {:?}",
-        r.stderr
-    );
-    assert!(
-        r.stderr.ends_with('\n') && r.stderr.trim().len() > 5,
-        "{what}: {:?}",
-        r.stderr
-    );
-    assert!(!r.stderr.contains("panicked"), "{what}: {}", r.stderr);
 }
 
 fn qemu_hello(dir: &Path, extra: &[&str]) -> Server {
@@ -137,6 +25,40 @@ fn qemu_hello(dir: &Path, extra: &[&str]) -> Server {
     let mut args = vec!["-x", "hello"];
     args.extend_from_slice(extra);
     qemu_nbd(&args, &img)
+}
+
+/// A fake server for the example's listing: newstyle greeting,
+/// EXTENDED_HEADERS refused, STRUCTURED_REPLY acknowledged, LIST answered
+/// with `exports` (name, description) and an ACK. The first other option
+/// (or the error that came instead, such as EOF) ends the loop and goes to
+/// `then`, with every option seen so far, that one included.
+fn listing_server<F>(exports: &'static [(&'static str, &'static str)], then: F) -> FakeServer
+where
+    F: FnOnce(&mut FakeConn, io::Result<u32>, Vec<u32>) -> io::Result<()> + Send + 'static,
+{
+    FakeServer::start(move |c: &mut FakeConn| {
+        c.send_newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
+        c.recv_client_flags()?;
+        let mut seen = Vec::new();
+        loop {
+            let opt = match c.recv_option() {
+                Ok((opt, _)) => opt,
+                Err(e) => return then(c, Err(e), seen),
+            };
+            seen.push(opt);
+            match opt {
+                OPT_EXTENDED_HEADERS => c.send_error(opt, REP_ERR_UNSUP, "")?,
+                OPT_STRUCTURED_REPLY => c.send_ack(opt)?,
+                OPT_LIST => {
+                    for (name, description) in exports {
+                        c.send_server(name, description)?;
+                    }
+                    c.send_ack(opt)?;
+                }
+                _ => return then(c, Ok(opt), seen),
+            }
+        }
+    })
 }
 
 const PROMPT: &str = "Which export to connect to (-1 to quit)? ";
@@ -151,10 +73,10 @@ fn qemu_hello_choose_0() {
     let r = list_exports(&[&sock], "0\n");
     assert_eq!(r.stderr, "");
     assert_eq!(
-        r.stdout,
+        r.stdout_text(),
         format!("[0] hello\n{PROMPT}Connecting to hello ...\n{sock}: hello: size = 2048 bytes\n")
     );
-    assert_eq!(r.status.code(), Some(0));
+    assert_eq!(r.code, Some(0));
 }
 
 #[test]
@@ -164,13 +86,13 @@ fn qemu_hello_with_description() {
     let sock = sock(&s);
     let r = list_exports(&[&sock], "0\n");
     assert_eq!(
-        r.stdout,
+        r.stdout_text(),
         format!(
             "[0] hello\n  (test export)\n{PROMPT}Connecting to hello ...\n\
              {sock}: hello: size = 2048 bytes\n"
         )
     );
-    assert_eq!(r.status.code(), Some(0), "{}", r.stderr);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
 }
 
 /// The URI form of the argument; the URI is what gets printed.
@@ -181,10 +103,10 @@ fn uri_argument() {
     let uri = format!("nbd+unix:///?socket={}", sock(&s));
     let r = list_exports(&[&uri], "0\n");
     assert_eq!(
-        r.stdout,
+        r.stdout_text(),
         format!("[0] hello\n{PROMPT}Connecting to hello ...\n{uri}: hello: size = 2048 bytes\n")
     );
-    assert_eq!(r.status.code(), Some(0), "{}", r.stderr);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
 }
 
 /// libnbd's own test scenario: nbdkit eval with exports foo and foobar.
@@ -200,10 +122,10 @@ fn nbdkit_eval_foo_foobar_choose_1() {
     let sock = sock(&s);
     let r = list_exports(&[&sock], "1\n");
     assert_eq!(
-        r.stdout,
+        r.stdout_text(),
         format!("[0] foo\n[1] foobar\n{PROMPT}Connecting to foobar ...\n{sock}: foobar: size = 7 bytes\n")
     );
-    assert_eq!(r.status.code(), Some(0), "{}", r.stderr);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
 }
 
 // ------------------------------------------------------------------ -1, bad indexes
@@ -211,28 +133,8 @@ fn nbdkit_eval_foo_foobar_choose_1() {
 /// -1 quits with NBD_OPT_ABORT (checked on the wire) and exit status 0.
 #[test]
 fn minus_one_sends_abort_and_exits_0() {
-    let server = FakeServer::start(|c: &mut FakeConn| {
-        c.send_newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
-        c.recv_client_flags()?;
-        let mut seen = Vec::new();
-        loop {
-            let (opt, _) = c.recv_option()?;
-            seen.push(opt);
-            match opt {
-                OPT_EXTENDED_HEADERS => c.send_error(opt, REP_ERR_UNSUP, "")?,
-                OPT_STRUCTURED_REPLY => c.send_ack(opt)?,
-                OPT_LIST => {
-                    c.send_server("first", "")?;
-                    c.send_server("second", "the second one")?;
-                    c.send_ack(opt)?;
-                }
-                OPT_ABORT => {
-                    c.send_ack(opt)?;
-                    break;
-                }
-                other => panic!("unexpected option {other}"),
-            }
-        }
+    let exports = &[("first", ""), ("second", "the second one")];
+    let server = listing_server(exports, |c, opt, seen| {
         assert_eq!(
             seen,
             [
@@ -242,16 +144,59 @@ fn minus_one_sends_abort_and_exits_0() {
                 OPT_ABORT
             ]
         );
+        c.send_ack(opt?)?;
         c.expect_eof()
     });
     let target = server.socket().to_str().unwrap().to_owned();
     let r = list_exports(&[&target], "-1\n");
     assert_eq!(
-        r.stdout,
+        r.stdout_text(),
         format!("[0] first\n[1] second\n  (the second one)\n{PROMPT}")
     );
     assert_eq!(r.stderr, "");
-    assert_eq!(r.status.code(), Some(0));
+    assert_eq!(r.code, Some(0));
+    server.join().unwrap();
+}
+
+/// doc/proto.md, "NBD_OPT_LIST": a listing may have no `NBD_REP_SERVER`
+/// reply at all. Like libnbd's example, ours still prompts; -1 quits with
+/// `NBD_OPT_ABORT` (seen by the server) and exit status 0.
+#[test]
+fn empty_list_minus_one_sends_abort_and_exits_0() {
+    // The listing: no NBD_REP_SERVER, only the ACK.
+    let server = listing_server(&[], |c, opt, _| {
+        assert_eq!(opt?, OPT_ABORT);
+        c.send_ack(OPT_ABORT)?;
+        c.expect_eof()
+    });
+    let target = server.socket().to_str().unwrap().to_owned();
+    let r = list_exports(&[&target], "-1\n");
+    assert_eq!(r.stdout_text(), PROMPT);
+    assert_eq!(r.stderr, "");
+    assert_eq!(r.code, Some(0));
+    server.join().unwrap();
+}
+
+/// doc/proto.md, "NBD_OPT_LIST": with no exports listed, index 0 is out of
+/// range, as in libnbd's example: one line on stderr, exit status 1.
+#[test]
+fn empty_list_index_0_is_out_of_range() {
+    // Whatever the client does after the listing (ABORT or hanging up),
+    // it must not ask for an export. It need not wait for the ACK either:
+    // the reply may meet a closed socket.
+    let server = listing_server(&[], |c, opt, _| match opt {
+        Ok(OPT_ABORT) => {
+            let _ = c.send_ack(OPT_ABORT);
+            Ok(())
+        }
+        Ok(other) => panic!("unexpected option {other} after a bad index"),
+        Err(_) => Ok(()),
+    });
+    let target = server.socket().to_str().unwrap().to_owned();
+    let r = list_exports(&[&target], "0\n");
+    assert_eq!(r.stdout_text(), PROMPT);
+    assert_eq!(r.stderr, "index 0 out of range\n");
+    assert_eq!(r.code, Some(1));
     server.join().unwrap();
 }
 
@@ -267,13 +212,13 @@ fn out_of_range_and_invalid_indexes() {
     ] {
         let r = list_exports(&[&sock], input);
         assert_eq!(r.stderr, format!("{want}\n"), "input {input:?}");
-        assert_eq!(r.status.code(), Some(1));
-        assert_eq!(r.stdout, format!("[0] hello\n{PROMPT}"));
+        assert_eq!(r.code, Some(1));
+        assert_eq!(r.stdout_text(), format!("[0] hello\n{PROMPT}"));
     }
     for input in ["abc\n", ""] {
         let r = list_exports(&[&sock], input);
-        assert_one_line_failure(&r, &format!("input {input:?}"));
-        assert!(!r.stdout.contains("Connecting"), "{}", r.stdout);
+        r.assert_one_line_error("");
+        assert!(!r.stdout_text().contains("Connecting"), "{r:?}");
     }
 }
 
@@ -284,8 +229,8 @@ fn oldstyle_server_cannot_list() {
     let s = nbdkit_with(&["-o"], &["memory", "1M"]);
     let r = list_exports(&[&sock(&s)], "0\n");
     assert_eq!(r.stderr, "Server does not support listing exports.\n");
-    assert_eq!(r.stdout, "");
-    assert_eq!(r.status.code(), Some(1));
+    assert_eq!(r.stdout_text(), "");
+    assert_eq!(r.code, Some(1));
 }
 
 /// Plain newstyle has no NBD_OPT_LIST either.
@@ -294,7 +239,7 @@ fn plain_newstyle_server_cannot_list() {
     let s = nbdkit_with(&["--mask-handshake=0"], &["memory", "1M"]);
     let r = list_exports(&[&sock(&s)], "0\n");
     assert_eq!(r.stderr, "Server does not support listing exports.\n");
-    assert_eq!(r.status.code(), Some(1));
+    assert_eq!(r.code, Some(1));
 }
 
 #[test]
@@ -302,19 +247,19 @@ fn missing_socket() {
     let dir = scratch_dir();
     let path = dir.path().join("no-such.sock");
     let r = list_exports(&[path.to_str().unwrap()], "0\n");
-    assert_one_line_failure(&r, "missing socket");
+    r.assert_one_line_error("");
     assert!(r.stderr.contains("no-such.sock"), "{}", r.stderr);
-    assert_eq!(r.stdout, "");
+    assert_eq!(r.stdout_text(), "");
 }
 
 #[test]
 fn no_argument_prints_usage() {
     for args in [&[][..], &["a", "b"][..]] {
         let r = list_exports(args, "");
-        assert_eq!(r.status.code(), Some(1));
+        assert_eq!(r.code, Some(1));
         assert!(r.stderr.starts_with("usage: "), "{}", r.stderr);
         assert!(r.stderr.contains("SOCKET|URI"), "{}", r.stderr);
-        assert_eq!(r.stdout, "");
+        assert_eq!(r.stdout_text(), "");
     }
 }
 
@@ -343,9 +288,9 @@ fn server_dies_mid_negotiation() {
     let target = server.uri();
     let t = Instant::now();
     let r = list_exports(&[&target], "0\n");
-    assert_one_line_failure(&r, "server died");
+    r.assert_one_line_error("");
     assert!(r.stderr.starts_with(&format!("{target}: ")), "{}", r.stderr);
-    assert_eq!(r.stdout, "", "nothing listed from a broken listing");
+    assert_eq!(r.stdout_text(), "", "nothing listed from a broken listing");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     server.join().unwrap();
 }
@@ -354,27 +299,17 @@ fn server_dies_mid_negotiation() {
 /// requested.
 #[test]
 fn server_dies_at_go() {
-    let server = FakeServer::start(|c| {
-        c.send_newstyle(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)?;
-        c.recv_client_flags()?;
-        loop {
-            let (opt, _) = c.recv_option()?;
-            match opt {
-                OPT_EXTENDED_HEADERS => c.send_error(opt, REP_ERR_UNSUP, "")?,
-                OPT_STRUCTURED_REPLY => c.send_ack(opt)?,
-                OPT_LIST => {
-                    c.send_server("x", "")?;
-                    c.send_ack(opt)?;
-                }
-                OPT_GO => return c.close(),
-                other => panic!("unexpected option {other}"),
-            }
-        }
+    let server = listing_server(&[("x", "")], |c, opt, _| {
+        assert_eq!(opt?, OPT_GO);
+        c.close()
     });
     let sock = server.socket().to_str().unwrap().to_owned();
     let r = list_exports(&[&sock], "0\n");
-    assert_eq!(r.stdout, format!("[0] x\n{PROMPT}Connecting to x ...\n"));
-    assert_one_line_failure(&r, "server died at GO");
+    assert_eq!(
+        r.stdout_text(),
+        format!("[0] x\n{PROMPT}Connecting to x ...\n")
+    );
+    r.assert_one_line_error("");
     server.join().unwrap();
 }
 
@@ -384,17 +319,16 @@ fn server_dies_at_go() {
 #[test]
 fn demo_example_runs_end_to_end() {
     // Build first (quietly) so the run itself is quick.
-    example();
-    let mut cmd = Command::new(env!("CARGO"));
+    examples_dir();
+    let mut cmd = cargo();
     cmd.args(["run", "-q", "-p", "nbd-std", "--example", "demo"])
         .current_dir(env!("CARGO_MANIFEST_DIR"));
-    let r = run_with(cmd, "");
-    assert_eq!(r.status.code(), Some(0), "stderr: {}", r.stderr);
-    assert!(r.stdout.contains("[0] hello\n"), "{}", r.stdout);
-    assert!(r.stdout.contains("Connecting to hello ..."), "{}", r.stdout);
+    let r = run_command(cmd, "");
+    assert_eq!(r.code, Some(0), "stderr: {}", r.stderr);
+    assert!(r.stdout_text().contains("[0] hello\n"), "{r:?}");
+    assert!(r.stdout_text().contains("Connecting to hello ..."), "{r:?}");
     assert!(
-        r.stdout.contains("hello: size = 2048 bytes\n"),
-        "{}",
-        r.stdout
+        r.stdout_text().contains("hello: size = 2048 bytes\n"),
+        "{r:?}"
     );
 }

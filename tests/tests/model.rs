@@ -8,7 +8,7 @@
 //!   fail client-side with the matching [`UsageError`] and change nothing;
 //! * everything else succeeds.
 //!
-//! After a trim the content is unspecified (spec rule 84: the server may
+//! After a trim the content is unspecified (doc/proto.md, "NBD_CMD_TRIM": the server may
 //! or may not zero it), so the model marks trimmed bytes unknown until they
 //! are written or zeroed again.
 //!

@@ -229,16 +229,19 @@ fn check_fallback_client(server: FakeServer, cfg: Config) {
     server.join().unwrap();
 }
 
+/// doc/proto.md, "NBD_OPT_INFO and NBD_OPT_GO": on NBD_REP_ERR_UNSUP to GO
+/// the client falls back to NBD_OPT_EXPORT_NAME.
 #[test]
-fn rule_31_go_unsup_falls_back_to_export_name_without_zeroes() {
+fn go_unsup_falls_back_to_export_name_without_zeroes() {
     let s = fallback_server(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, 3, false);
     check_fallback_client(s, Config::default());
 }
 
-/// Rule 9: no NO_ZEROES from the server, none from the client, and the
-/// reply carries the 124 zero bytes.
+/// doc/proto.md, "Client flags": no NBD_FLAG_C_NO_ZEROES unless the server
+/// set NBD_FLAG_NO_ZEROES. No NO_ZEROES from the server, none from the
+/// client, and the EXPORT_NAME reply carries the 124 zero bytes.
 #[test]
-fn rule_9_go_unsup_falls_back_to_export_name_with_zeroes() {
+fn go_unsup_falls_back_to_export_name_with_zeroes() {
     let s = fallback_server(FLAG_FIXED_NEWSTYLE, 1, true);
     check_fallback_client(s, Config::default());
 }
@@ -255,9 +258,10 @@ fn client_without_no_zeroes_gets_zero_padding() {
     check_fallback_client(s, cfg);
 }
 
-/// The fallback in option mode: opt_go falls back too.
+/// doc/proto.md, "NBD_OPT_INFO and NBD_OPT_GO": the EXPORT_NAME fallback in
+/// option mode: opt_go falls back too.
 #[test]
-fn rule_31_opt_go_falls_back_to_export_name() {
+fn opt_go_falls_back_to_export_name() {
     let s = FakeServer::start(|c| {
         greet(c)?;
         let data = expect_opt(c, OPT_GO)?;
@@ -279,10 +283,11 @@ fn rule_31_opt_go_falls_back_to_export_name() {
     s.join().unwrap();
 }
 
-/// Rule 21: once extended headers are on, ERR_UNSUP to GO must not lead to
+/// doc/proto.md (extension-ext-header branch), "NBD_OPT_EXPORT_NAME": not
+/// once extended headers are on, so ERR_UNSUP to GO must not lead to
 /// EXPORT_NAME; the automatic sequence gives up with NBD_OPT_ABORT.
 #[test]
-fn rule_21_no_export_name_fallback_after_extended_headers() {
+fn no_export_name_fallback_after_extended_headers() {
     let s = FakeServer::start(|c| {
         greet(c)?;
         expect_opt(c, OPT_EXTENDED_HEADERS)?;
@@ -302,10 +307,10 @@ fn rule_21_no_export_name_fallback_after_extended_headers() {
     s.join().unwrap();
 }
 
-/// Plain (non-fixed) newstyle: no options but EXPORT_NAME (rule 11), with
-/// and without NO_ZEROES.
+/// doc/proto.md, "Newstyle negotiation": plain (non-fixed) newstyle has no
+/// option but NBD_OPT_EXPORT_NAME; with and without NO_ZEROES.
 #[test]
-fn rule_11_plain_newstyle_export_name_with_and_without_zeroes() {
+fn plain_newstyle_export_name_with_and_without_zeroes() {
     for (server_flags, want_client, zeroes) in [(0u16, 0u32, true), (FLAG_NO_ZEROES, 2, false)] {
         let s = FakeServer::start(move |c| {
             c.send_newstyle(server_flags)?;
@@ -344,10 +349,10 @@ fn export_name_refused_by_hang_up() {
     s.join().unwrap();
 }
 
-/// Rules 7 and 10: unknown handshake flags are ignored and the client only
-/// ever sends bits 0 and 1.
+/// doc/proto.md, "Client flags" and "Newstyle negotiation": unknown
+/// handshake flags are ignored and the client only ever sends bits 0 and 1.
 #[test]
-fn rule_10_client_flags_only_known_bits() {
+fn client_flags_only_known_bits() {
     let s = FakeServer::start(|c| {
         c.send_newstyle(0xffff)?;
         let f = c.recv_client_flags()?;
@@ -465,16 +470,17 @@ fn list_unsupported_keeps_negotiating() {
     s.join().unwrap();
 }
 
-/// Rule 19: on ERR_SHUTDOWN the client soft-disconnects with NBD_OPT_ABORT,
-/// in option mode and in the automatic sequence.
+/// doc/proto.md, "Termination of the session during option haggling": on
+/// NBD_REP_ERR_SHUTDOWN the client soft-disconnects with NBD_OPT_ABORT, in
+/// option mode and in the automatic sequence.
 #[test]
-fn rule_19_err_shutdown_sends_abort() {
+fn err_shutdown_sends_abort() {
     let s = FakeServer::start(|c| {
         greet(c)?;
         expect_opt(c, OPT_LIST)?;
         c.send_error(OPT_LIST, REP_ERR_SHUTDOWN, "server going down")?;
         expect_opt(c, OPT_ABORT)?;
-        // The client may already be gone: the ACK is optional for it (rule 23).
+        // The client may already be gone: the ACK is optional for it (doc/proto.md, "NBD_OPT_ABORT").
         let _ = c.send_ack(OPT_ABORT);
         drain(c).map(drop)
     });
@@ -697,9 +703,10 @@ fn server_message_escaped_when_shown() {
     s.join().unwrap();
 }
 
-/// Rule 14: a second STRUCTURED_REPLY is not sent; it simply succeeds.
+/// doc/proto.md, "Fixed newstyle negotiation": a state-changing option is
+/// not sent twice; a second opt_structured_reply simply succeeds.
 #[test]
-fn rule_14_structured_reply_sent_once() {
+fn structured_reply_sent_once() {
     let s = FakeServer::start(|c| {
         greet(c)?;
         expect_opt(c, OPT_STRUCTURED_REPLY)?;
@@ -716,9 +723,10 @@ fn rule_14_structured_reply_sent_once() {
     s.join().unwrap();
 }
 
-/// Rule 23: a server that closes after NBD_OPT_ABORT without the ACK.
+/// doc/proto.md, "NBD_OPT_ABORT": a server that closes after NBD_OPT_ABORT
+/// without the ACK.
 #[test]
-fn rule_23_abort_without_ack() {
+fn abort_without_ack_is_a_clean_end() {
     let s = FakeServer::start(|c| {
         greet(c)?;
         expect_opt(c, OPT_ABORT)?;
@@ -1074,10 +1082,11 @@ fn inner_name_length_larger_than_reply_is_protocol_error() {
 
 // ------------------------------------------------------------ INFO replies
 
-/// Rules 29 and 30: unknown info types are skipped, short or long, and the
-/// order of the INFO replies does not matter.
+/// doc/proto.md, "NBD_OPT_INFO and NBD_OPT_GO" and "NBD_REP_INFO": unknown
+/// info types are skipped, short or long, and the order of the INFO replies
+/// does not matter.
 #[test]
-fn rule_29_unknown_info_types_ignored() {
+fn unknown_info_types_ignored_in_any_order() {
     let s = FakeServer::start(|c| {
         greet(c)?;
         prelude(c)?;
@@ -1377,12 +1386,13 @@ fn calls_after_the_end_report_the_close_reason() {
     }
 }
 
-/// Rules 39 and 43: meta contexts need structured replies first. The
-/// client either refuses SET_META_CONTEXT locally, or (libnbd lets option
-/// mode send it, to test servers) gets the server's ERR_INVALID; either way
-/// it stays negotiating and no context is selected.
+/// doc/proto.md, "NBD_OPT_SET_META_CONTEXT" and "NBD_OPT_LIST_META_CONTEXT":
+/// meta contexts need structured replies first. The client either refuses
+/// SET_META_CONTEXT locally, or (libnbd lets option mode send it, to test
+/// servers) gets the server's ERR_INVALID; either way it stays negotiating
+/// and no context is selected.
 #[test]
-fn rule_43_set_meta_context_before_structured_replies() {
+fn set_meta_context_before_structured_replies_selects_nothing() {
     let s = FakeServer::start(|c| {
         greet(c)?;
         let (opt, _) = c.recv_option()?;

@@ -138,7 +138,7 @@ fn qemu_hello(dir: &Path) -> nbd_tests::Server {
 
 /// The nbd_opt_go(3) flow against qemu-nbd: list, info (with full info),
 /// go, read; extended headers are negotiated before the pause (libnbd's
-/// order, rule 20 / spec §2.9).
+/// order; doc/proto.md, "NBD_OPT_INFO and NBD_OPT_GO").
 #[test]
 fn qemu_nbd_opt_mode_list_info_go() {
     let data = scratch_dir();
@@ -191,10 +191,12 @@ fn qemu_nbd_opt_mode_list_info_go() {
     assert_eq!(c.phase(), Phase::Closed);
 }
 
-/// Default mode (no option mode): EXTENDED_HEADERS, then GO with
-/// NBD_INFO_BLOCK_SIZE; the result agrees with libnbd.
+/// doc/proto.md, "Size constraints": the client announces that it honours
+/// size constraints by asking for NBD_INFO_BLOCK_SIZE in GO. Default mode
+/// (no option mode): EXTENDED_HEADERS, then GO with NBD_INFO_BLOCK_SIZE;
+/// the result agrees with libnbd.
 #[test]
-fn rule_33_qemu_default_connect_go_with_block_size() {
+fn qemu_default_connect_requests_block_size_in_go() {
     let data = scratch_dir();
     let s = qemu_hello(data.path());
     let mut c = Client::connect(&s.uri(), Config::default()).unwrap();
@@ -209,11 +211,13 @@ fn rule_33_qemu_default_connect_go_with_block_size() {
     c.shutdown().unwrap();
 }
 
-/// Extended headers negotiated by hand, then STRUCTURED_REPLY: already in
-/// force (qemu would answer ERR_EXT_HEADER_REQD), so it is true and
-/// nothing breaks; the transmission uses extended headers.
+/// doc/proto.md (extension-ext-header branch), "NBD_OPT_EXTENDED_HEADERS":
+/// after its ACK every request uses the extended header. Extended headers
+/// negotiated by hand, then STRUCTURED_REPLY: already in force (qemu would
+/// answer ERR_EXT_HEADER_REQD), so it is true and nothing breaks; the
+/// transmission uses extended headers.
 #[test]
-fn rule_48_qemu_opt_extended_headers_then_structured_reply() {
+fn qemu_structured_reply_after_extended_headers_keeps_extended_headers() {
     let data = scratch_dir();
     let s = qemu_hello(data.path());
     let cfg = Config {
@@ -227,7 +231,7 @@ fn rule_48_qemu_opt_extended_headers_then_structured_reply() {
     assert!(c.get_extended_headers_negotiated());
     assert!(c.opt_structured_reply().unwrap());
     assert!(c.get_extended_headers_negotiated(), "no downgrade");
-    // A repeat is a no-op that stays true (rule 14).
+    // A repeat is a no-op that stays true (doc/proto.md, "Fixed newstyle negotiation").
     assert!(c.opt_extended_headers().unwrap());
     assert_eq!(c.phase(), Phase::Negotiating);
     c.opt_go().unwrap();
@@ -263,10 +267,11 @@ fn qemu_structured_reply_then_extended_headers() {
     c.shutdown().unwrap();
 }
 
-/// LIST_META_CONTEXT and SET_META_CONTEXT against qemu-nbd with
-/// allocation depth and a dirty bitmap (`-A -B bm0`).
+/// doc/proto.md, "NBD_OPT_LIST_META_CONTEXT" and "NBD_OPT_SET_META_CONTEXT":
+/// context ids of a listing are ignored, those of SET are used. Against
+/// qemu-nbd with allocation depth and a dirty bitmap (`-A -B bm0`).
 #[test]
-fn rule_42_qemu_list_and_set_meta_contexts() {
+fn qemu_list_and_set_meta_contexts() {
     let data = scratch_dir();
     let img = data.path().join("top.qcow2");
     let img_s = img.to_str().unwrap();
@@ -294,7 +299,7 @@ fn rule_42_qemu_list_and_set_meta_contexts() {
         .opt_list_meta_context(&["nosuch:thing"])
         .unwrap()
         .is_empty());
-    // Rule 40: a query without a namespace is refused locally.
+    // doc/proto.md, "NBD_OPT_LIST_META_CONTEXT": a query without a namespace is refused locally.
     assert!(matches!(
         c.opt_list_meta_context(&["allocation"]),
         Err(Error::Usage(UsageError::BadQuery(_)))
@@ -306,7 +311,7 @@ fn rule_42_qemu_list_and_set_meta_contexts() {
         .unwrap();
     set.sort();
     assert_eq!(set, ["base:allocation", "qemu:dirty-bitmap:bm0"]);
-    // Rule 44: each SET replaces the selection.
+    // doc/proto.md, "NBD_OPT_SET_META_CONTEXT": each SET replaces the selection.
     assert_eq!(
         c.opt_set_meta_context(&["qemu:dirty-bitmap:bm0", "base:allocation"])
             .unwrap()
@@ -333,10 +338,12 @@ fn rule_42_qemu_list_and_set_meta_contexts() {
 
 // ------------------------------------------------------------------ nbdkit
 
-/// nbdkit memory, default connect: EXTENDED_HEADERS refused (nbdkit 1.32),
+/// doc/proto.md (extension-ext-header branch), "NBD_OPT_EXTENDED_HEADERS":
+/// on NBD_REP_ERR_UNSUP the client carries on with compact headers. nbdkit
+/// memory, default connect: EXTENDED_HEADERS refused (nbdkit 1.32),
 /// structured replies on, base:allocation selected when asked for.
 #[test]
-fn rule_49_nbdkit_memory_default_connect() {
+fn nbdkit_refusing_extended_headers_gets_compact_headers() {
     let s = nbdkit(&["memory", "1M"]);
     let mut c = Client::connect_unix(s.socket(), Config::with_base_allocation()).unwrap();
     assert_eq!(c.phase(), Phase::Ready);
@@ -425,10 +432,12 @@ fn nbdkit_eval_list_info_go_each_export() {
     assert_matches_nbdinfo(&c, &s.uri_for("foobar"));
 }
 
-/// An unknown export: INFO and GO fail with ERR_UNKNOWN, the client stays
-/// in option mode, and can still go to an export that exists.
+/// doc/proto.md, "NBD_OPT_INFO and NBD_OPT_GO": after an error reply to GO
+/// the client may send further options. An unknown export: INFO and GO fail
+/// with ERR_UNKNOWN, the client stays in option mode, and can still go to
+/// an export that exists.
 #[test]
-fn rule_32_unknown_export_go_fails_and_negotiation_continues() {
+fn unknown_export_go_fails_and_negotiation_continues() {
     let s = foo_foobar_server();
     let mut c = Client::connect_unix(s.socket(), opt_mode()).unwrap();
     c.set_export_name("nope").unwrap();
@@ -494,18 +503,23 @@ fn nbdkit_oldstyle_is_ready_at_once() {
     assert_matches_nbdinfo(&c, &s.uri());
 }
 
-/// nbdkit --mask-handshake=0: plain (non-fixed) newstyle. Only
-/// EXPORT_NAME is possible (rule 11): default connect uses it, and in
-/// option mode LIST/INFO are refused locally while GO works.
+/// doc/proto.md, "Newstyle negotiation": without fixed newstyle only
+/// NBD_OPT_EXPORT_NAME is possible. nbdkit --mask-handshake=0: default
+/// connect uses it, and in option mode LIST/INFO are refused locally while
+/// GO works.
 #[test]
-fn rule_11_nbdkit_plain_newstyle() {
+fn nbdkit_plain_newstyle_uses_only_export_name() {
     let s = nbdkit_with(&["--mask-handshake=0"], &["memory", "8192"]);
     let mut c = Client::connect_unix(s.socket(), Config::default()).unwrap();
     assert_eq!(c.phase(), Phase::Ready);
     assert_eq!(c.get_protocol(), Some("newstyle"));
     assert!(!c.get_structured_replies_negotiated());
     assert_eq!(c.get_size().unwrap(), 8192);
-    assert_eq!(c.connection().client_flags(), 0, "rules 9, 10");
+    assert_eq!(
+        c.connection().client_flags(),
+        0,
+        "doc/proto.md, Client flags"
+    );
     c.pwrite(b"abc", 0, 0).unwrap();
     assert_eq!(read_back(&mut c, 0, 3), b"abc");
     c.shutdown().unwrap();
@@ -528,15 +542,20 @@ fn rule_11_nbdkit_plain_newstyle() {
     c.shutdown().unwrap();
 }
 
-/// nbdkit --no-sr: STRUCTURED_REPLY refused, simple replies, no contexts.
+/// doc/proto.md, "NBD_OPT_STRUCTURED_REPLY": on NBD_REP_ERR_UNSUP the client
+/// carries on without structured replies. nbdkit --no-sr: simple replies,
+/// no contexts.
 #[test]
-fn rule_36_nbdkit_no_structured_replies() {
+fn nbdkit_refusing_structured_replies_gets_simple_replies() {
     let s = nbdkit_with(&["--no-sr"], &["memory", "1M"]);
     let mut c = Client::connect_unix(s.socket(), Config::with_base_allocation()).unwrap();
     assert_eq!(c.phase(), Phase::Ready);
     assert!(!c.get_structured_replies_negotiated());
     assert!(!c.get_extended_headers_negotiated());
-    assert!(!c.can_meta_context("base:allocation"), "rule 37");
+    assert!(
+        !c.can_meta_context("base:allocation"),
+        "doc/proto.md, NBD_OPT_STRUCTURED_REPLY"
+    );
     assert!(
         !c.export_info().unwrap().can_df(),
         "DF needs structured replies"
@@ -551,9 +570,10 @@ fn rule_36_nbdkit_no_structured_replies() {
     assert_eq!(c.phase(), Phase::Negotiating);
 }
 
-/// TCP loopback: connect_tcp and an nbd:// URI.
+/// doc/proto.md, "Protocol phases": NBD over TCP. Loopback: connect_tcp and
+/// an nbd:// URI.
 #[test]
-fn rule_2_nbdkit_over_tcp() {
+fn nbdkit_over_tcp_loopback() {
     let s = nbdkit_tcp(&[], &["memory", "64K"]);
     let addr = s.addr().unwrap();
     let mut c = Client::connect_tcp(addr, Config::default()).unwrap();
@@ -628,10 +648,10 @@ fn nbd_server_several_exports() {
     c.shutdown().unwrap();
 }
 
-/// Rule 23: nbd-server closes after NBD_OPT_ABORT without an ACK; the
-/// client treats that as a clean end.
+/// doc/proto.md, "NBD_OPT_ABORT": the server may close without replying.
+/// nbd-server does; the client treats that as a clean end.
 #[test]
-fn rule_23_nbd_server_abort_closes_cleanly() {
+fn nbd_server_closing_after_abort_without_ack_is_a_clean_end() {
     let data = scratch_dir();
     let a = make_file(data.path(), "a.img", 4096, pattern);
     let s = nbd_server(&[("alpha", &a, &[])]);

@@ -105,7 +105,7 @@ fn cfg_strict(strict: Strict) -> Config {
 /// the block size allows, FUA), flush, write-zeroes (plain, NO_HOLE,
 /// FAST_ZERO), trim, cache; every change is mirrored in `shadow` and read
 /// back. `trim_zeroes`: whether this server's trim reads back as zeroes
-/// (the spec allows either; rule 84), else the range is rewritten after
+/// (doc/proto.md, "NBD_CMD_TRIM", allows either), else the range is rewritten after
 /// the trim. Uses only what the server advertised.
 fn io_workload(c: &mut Client, shadow: &mut [u8], trim_zeroes: bool, seed: u64) {
     let size = c.get_size().unwrap();
@@ -1036,7 +1036,7 @@ fn err01_error_values_map_like_libnbd() {
     }
 }
 
-/// ERR-01 / rule 104: ESHUTDOWN means the server is going away. The
+/// doc/proto.md, "Terminating the transmission phase": ESHUTDOWN means the server is going away. The
 /// failed command reports ConnectionAborted; the client then disconnects
 /// politely (NBD_CMD_DISC once nothing is in flight) and refuses new
 /// commands: as a phase error while the server has not closed yet, as

@@ -2,7 +2,7 @@
 //! `nbd+unix:///EXPORT?socket=...` with percent-encoded export names and
 //! socket paths, `nbd://127.0.0.1:PORT/`, `nbd://localhost:PORT/`,
 //! `nbd://[::1]:PORT/`, and the TLS / vsock schemes that this client
-//! refuses clearly (rule 120).
+//! refuses clearly (doc/uri.md, "Clients which do not support TLS").
 //!
 //! The nbdkit `info` plugin serves the export name it was asked for as the
 //! disk's content, so reading the disk shows exactly what name the client
@@ -297,10 +297,10 @@ fn ipv6_literal_parse() {
 
 // ------------------------------------------------------------------ not supported
 
-/// Rule 120: a client without TLS fails on URIs that require it, before
-/// connecting anywhere.
+/// doc/uri.md, "Clients which do not support TLS": a client without TLS
+/// fails on URIs that require it, before connecting anywhere.
 #[test]
-fn rule_120_nbds_is_unsupported_tls() {
+fn nbds_uri_fails_without_tls_support() {
     let s = nbdkit_tcp(&[], &["memory", "1M"]);
     let port = s.addr().unwrap().port();
     let dir = scratch_dir();

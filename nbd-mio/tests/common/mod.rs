@@ -1,80 +1,15 @@
-//! Test support: an nbdkit child process in a private directory, and a
-//! small mio loop around one [`NbdConnection`].
+//! Test support: a small mio loop around one [`NbdConnection`]. Servers
+//! come from nbd-tests' launchers ([`nbd_tests::nbdkit`]).
 
 #![allow(dead_code)]
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mio::{Events, Poll, Token};
 use nbd_mio::{Event, NbdConnection};
 
 /// How long any single wait may take before the test fails.
 const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// An `nbdkit -f` child serving on a Unix socket in its own directory;
-/// killed (by its PID, through the `Child`) and cleaned up on drop.
-pub struct Nbdkit {
-    child: Child,
-    dir: PathBuf,
-    /// The server's socket.
-    pub sock: PathBuf,
-}
-
-impl Nbdkit {
-    /// Starts `nbdkit --exit-with-parent -f -U SOCK -P PIDFILE ARGS...` and
-    /// waits until it wrote its pid file (it is listening then).
-    pub fn start(args: &[&str]) -> Nbdkit {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "nbd-mio-test-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the test directory");
-        let sock = dir.join("nbd.sock");
-        let pidfile = dir.join("nbd.pid");
-        let mut child = Command::new("nbdkit")
-            .arg("--exit-with-parent")
-            .arg("-f")
-            .arg("-U")
-            .arg(&sock)
-            .arg("-P")
-            .arg(&pidfile)
-            .args(args)
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("nbdkit must be installed to run these tests");
-        let t0 = Instant::now();
-        loop {
-            if std::fs::read_to_string(&pidfile).is_ok_and(|s| s.trim().parse::<u32>().is_ok()) {
-                break;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("nbdkit exited early: {status}");
-            }
-            assert!(t0.elapsed() < TIMEOUT, "nbdkit did not start");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Nbdkit { child, dir, sock }
-    }
-
-    /// The `nbd+unix://` URI of the default export.
-    pub fn uri(&self) -> String {
-        format!("nbd+unix:///?socket={}", self.sock.display())
-    }
-}
-
-impl Drop for Nbdkit {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// The token of the connection under test.
 pub const NBD: Token = Token(7);

@@ -30,9 +30,8 @@ pub fn run(
         Err(Error::Usage(UsageError::Unsupported(_))) => return Err(NO_LISTING.into()),
         Err(e) => return Err(format!("{target}: {e}")),
     };
-    if exports.is_empty() {
-        return Err(NO_LISTING.into());
-    }
+    // An empty listing still gets the prompt, as in libnbd's example:
+    // -1 quits, any index is out of range.
     let w = |e: io::Error| format!("stdout: {e}");
     for (i, (name, description)) in exports.iter().enumerate() {
         writeln!(out, "[{i}] {name}").map_err(w)?;
