@@ -355,8 +355,8 @@ fn main() {
         // The first DEPTH requests; then a new one as each completes,
         // submitted inside the drain of events so that one vectored write
         // takes the batch.
-        for i in 0..depth {
-            if !submit(&mut lp.nbd, &mut slots[i], &mut next, total, size, &o) {
+        for s in slots.iter_mut() {
+            if !submit(&mut lp.nbd, s, &mut next, total, size, &o) {
                 break;
             }
         }

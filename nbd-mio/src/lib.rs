@@ -102,9 +102,9 @@ mod connection;
 mod error;
 
 pub use connection::NbdConnection;
+pub use error::{Error, Result};
 /// The mio this crate is built on, so embedders use the same version.
 pub use mio;
-pub use error::{Error, Result};
 pub use nbd_core::{
     self, CloseReason, CommandError, Config, Cookie, Event, ExportInfo, OptionKind, Phase, Strict,
 };

@@ -104,10 +104,7 @@ fn opt_mode_list_go_and_64_requests_in_flight() {
     let mut offsets = HashMap::new();
     for i in 0..N {
         let off = (i * LEN) as u64;
-        let c = h
-            .nbd
-            .read(off, BytesMut::zeroed(LEN), 0)
-            .expect("read");
+        let c = h.nbd.read(off, BytesMut::zeroed(LEN), 0).expect("read");
         offsets.insert(c, off);
     }
     assert_eq!(h.nbd.conn().in_flight(), N);
@@ -153,7 +150,10 @@ fn a_command_on_an_idle_connection_is_sent_without_rearming() {
     let poll_fd = 1; // the Poll itself
     assert_eq!(fds(), before + poll_fd, "register opens no descriptor");
     assert!(matches!(h.next_event(), Event::GoSucceeded(_)));
-    assert!(h.nbd.poll_event().is_none(), "drained: the socket would block");
+    assert!(
+        h.nbd.poll_event().is_none(),
+        "drained: the socket would block"
+    );
     let waits = h.nbd.io_stats().waits;
 
     let cookie = h.nbd.read(0, BytesMut::zeroed(4 * KIB), 0).expect("read");
@@ -177,8 +177,7 @@ fn large_writes_with_small_socket_buffers_complete() {
     rustix::net::sockopt::set_socket_send_buffer_size(&s, 4096).expect("SO_SNDBUF");
     rustix::net::sockopt::set_socket_recv_buffer_size(&s, 4096).expect("SO_RCVBUF");
     s.set_nonblocking(true).expect("non-blocking");
-    let nbd = NbdConnection::from_unix_stream(s, Config::default())
-        .expect("nbd");
+    let nbd = NbdConnection::from_unix_stream(s, Config::default()).expect("nbd");
     let mut h = Harness::new(nbd);
     match h.next_event() {
         Event::GoSucceeded(info) => assert_eq!(info.size, 64 * MIB as u64),
@@ -208,10 +207,7 @@ fn large_writes_with_small_socket_buffers_complete() {
     let mut reads = HashMap::new();
     for i in 0..4 {
         let off = (i * LEN) as u64;
-        let c = h
-            .nbd
-            .read(off, BytesMut::zeroed(LEN), 0)
-            .expect("read");
+        let c = h.nbd.read(off, BytesMut::zeroed(LEN), 0).expect("read");
         reads.insert(c, (off, i as u8));
     }
     for (cookie, buf) in complete_all(&mut h, 4) {
@@ -239,15 +235,9 @@ fn tcp_uri_round_trip() {
         other => panic!("expected GoSucceeded, got {other:?}"),
     }
     let data = Bytes::from(pattern(4096, MIB, 9));
-    let w = h
-        .nbd
-        .write(4096, data.clone(), 0)
-        .expect("write");
+    let w = h.nbd.write(4096, data.clone(), 0).expect("write");
     assert!(complete_all(&mut h, 1).contains_key(&w));
-    let r = h
-        .nbd
-        .read(4096, BytesMut::zeroed(MIB), 0)
-        .expect("read");
+    let r = h.nbd.read(4096, BytesMut::zeroed(MIB), 0).expect("read");
     let mut done = complete_all(&mut h, 1);
     let buf = done.remove(&r).flatten().expect("buffer");
     assert!(buf[..] == data[..]);

@@ -14,7 +14,11 @@ use nbd_tests::servers::nbdkit;
 
 /// Accepts on the abstract name `name` and forwards each connection to the
 /// Unix socket at `to` (nbdkit listens only on paths).
-fn abstract_proxy(name: &str, to: std::path::PathBuf, connections: usize) -> thread::JoinHandle<()> {
+fn abstract_proxy(
+    name: &str,
+    to: std::path::PathBuf,
+    connections: usize,
+) -> thread::JoinHandle<()> {
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
     let l = UnixListener::bind_addr(&addr).expect("bind abstract");
     thread::spawn(move || {

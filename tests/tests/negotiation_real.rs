@@ -787,9 +787,7 @@ fn mio_adapter_default_connect_qemu_extended_headers() {
     assert_eq!((info.name.as_str(), info.size), ("hello", 2048));
     assert!(info.block_size.is_some());
     assert!(n.conn().extended_headers_negotiated());
-    let cookie = n
-        .read(2000, bytes::BytesMut::zeroed(48), 0)
-        .unwrap();
+    let cookie = n.read(2000, bytes::BytesMut::zeroed(48), 0).unwrap();
     let evs = mio_until(&mut n, |_, e| {
         e.iter()
             .any(|e| matches!(e, MioEvent::CommandDone { cookie: c, .. } if *c == cookie))
