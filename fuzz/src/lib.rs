@@ -31,7 +31,7 @@ use std::io::IoSlice;
 
 use bytes::{Bytes, BytesMut};
 use nbd_core::consts::cmd_flags;
-use nbd_core::{Config, Connection, Cookie, Event, Limits, Phase, Strict, UsageError};
+use nbd_core::{CmdFlags, Config, Connection, Cookie, Event, Limits, Phase, Strict, UsageError};
 
 /// Length of the input header of `state_machine`.
 pub const HEADER_LEN: usize = 4;
@@ -458,19 +458,29 @@ impl Driver {
                 len,
                 flags,
                 chunks: false,
-            } => c.read(off, BytesMut::zeroed(len), flags),
+            } => c
+                .read(off, BytesMut::zeroed(len), CmdFlags::from_bits(flags))
+                .map_err(UsageError::from),
             Cmd::Read {
                 off,
                 len,
                 flags,
                 chunks: true,
-            } => c.read_with_chunks(off, BytesMut::zeroed(len), flags),
-            Cmd::Write { off, len, flags } => c.write(off, Bytes::from(vec![0xa5; len]), flags),
-            Cmd::Flush => c.flush(0),
-            Cmd::Trim { off, len } => c.trim(off, len, 0),
-            Cmd::Zero { off, len } => c.write_zeroes(off, len, 0),
-            Cmd::Status { off, len, flags } => c.block_status(off, len, flags),
-            Cmd::Cache { off, len } => c.cache(off, len, 0),
+            } => c
+                .read_with_chunks(off, BytesMut::zeroed(len), CmdFlags::from_bits(flags))
+                .map_err(UsageError::from),
+            Cmd::Write { off, len, flags } => c
+                .write(
+                    off,
+                    Bytes::from(vec![0xa5; len]),
+                    CmdFlags::from_bits(flags),
+                )
+                .map_err(UsageError::from),
+            Cmd::Flush => c.flush(CmdFlags::empty()),
+            Cmd::Trim { off, len } => c.trim(off, len, CmdFlags::empty()),
+            Cmd::Zero { off, len } => c.write_zeroes(off, len, CmdFlags::empty()),
+            Cmd::Status { off, len, flags } => c.block_status(off, len, CmdFlags::from_bits(flags)),
+            Cmd::Cache { off, len } => c.cache(off, len, CmdFlags::empty()),
         }
     }
 

@@ -390,3 +390,64 @@ pub enum UsageError {
     #[error("meta context {0:?} was not negotiated")]
     UnknownContext(String),
 }
+
+/// A command that carries a buffer was refused: the [`UsageError`] says
+/// why, and the buffer comes back unchanged so the caller can reuse it.
+///
+/// Returned by [`crate::Connection::read`] and
+/// [`crate::Connection::read_with_chunks`] (`Refused<BytesMut>`) and by
+/// [`crate::Connection::write`] (`Refused<Bytes>`). Nothing was sent. Match
+/// on [`Refused::error`], take both parts with [`Refused::into_parts`], or
+/// turn it into the plain [`UsageError`] with `?`/`From` when the buffer
+/// is not wanted.
+pub struct Refused<B> {
+    /// Why the command was refused.
+    pub error: UsageError,
+    /// The caller's buffer, handed back.
+    pub buffer: B,
+}
+
+impl<B> Refused<B> {
+    /// Why the command was refused.
+    pub fn error(&self) -> &UsageError {
+        &self.error
+    }
+
+    /// The error and the buffer.
+    pub fn into_parts(self) -> (UsageError, B) {
+        (self.error, self.buffer)
+    }
+
+    /// The buffer, dropping the error.
+    pub fn into_buffer(self) -> B {
+        self.buffer
+    }
+}
+
+impl<B: AsRef<[u8]>> fmt::Debug for Refused<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The buffer may be megabytes: show its size, not its bytes.
+        f.debug_struct("Refused")
+            .field("error", &self.error)
+            .field("buffer_len", &self.buffer.as_ref().len())
+            .finish()
+    }
+}
+
+impl<B> fmt::Display for Refused<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl<B: AsRef<[u8]>> std::error::Error for Refused<B> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl<B> From<Refused<B>> for UsageError {
+    fn from(r: Refused<B>) -> UsageError {
+        r.error
+    }
+}

@@ -74,6 +74,7 @@ pub mod config;
 pub mod consts;
 pub mod error;
 pub mod event;
+mod flags;
 mod negotiate;
 mod transmit;
 pub mod uri;
@@ -81,9 +82,13 @@ pub mod wire;
 
 pub use client::{Connection, Phase};
 pub use config::{Config, Limits, Strict, TlsMode};
-pub use error::{CommandError, NbdErrno, OptionError, ProtocolError, RepError, UsageError};
+pub use error::{
+    CommandError, NbdErrno, OptionError, ProtocolError, Refused, RepError, UsageError,
+};
 pub use event::{
     BlockSize, CloseReason, Cookie, Event, ExportInfo, Extent, OptionKind, Protocol, ReadChunkKind,
 };
+pub use flags::CmdFlags;
 pub use transmit::command_name;
 pub use uri::NbdUri;
+pub use wire::reply::HeaderMode;

@@ -15,6 +15,7 @@ use crate::wire::handshake::{
     self, Style, EXPORT_NAME_REPLY_LEN, GREETING_PREFIX_LEN, OLDSTYLE_FIELDS_LEN,
 };
 use crate::wire::option::{self as wopt, InfoReply, OptionReplyHeader};
+use crate::wire::reply::HeaderMode;
 
 /// Longest `NBD_REP_SERVER` payload accepted: a maximal name and a generous
 /// description.
@@ -44,8 +45,25 @@ pub(crate) enum State {
     Tls,
     /// Transmission phase.
     Transmission,
-    /// Over.
-    Closed,
+    /// Over, for this reason.
+    Closed(CloseReason),
+}
+
+impl State {
+    /// A short name for `Debug` output.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            State::Greeting => "greeting",
+            State::Oldstyle => "oldstyle greeting",
+            State::HandshakeFlags => "handshake flags",
+            State::Negotiating => "negotiating",
+            State::Option(_) => "option reply",
+            State::ExportNameReply => "export name reply",
+            State::Tls => "TLS handshake",
+            State::Transmission => "transmission",
+            State::Closed(_) => "closed",
+        }
+    }
 }
 
 /// Who asked for the option in flight, which decides what happens when it ends.
@@ -238,7 +256,7 @@ impl Connection {
     pub fn opt_structured_reply(&mut self) -> Result<(), UsageError> {
         self.need_negotiating("opt_structured_reply")?;
         self.need_fixed("NBD_OPT_STRUCTURED_REPLY")?;
-        if self.structured || self.extended {
+        if self.header_mode != HeaderMode::Simple {
             self.events
                 .push_back(Event::OptionSucceeded(OptionKind::StructuredReply));
             return Ok(());
@@ -252,7 +270,7 @@ impl Connection {
     pub fn opt_extended_headers(&mut self) -> Result<(), UsageError> {
         self.need_negotiating("opt_extended_headers")?;
         self.need_fixed("NBD_OPT_EXTENDED_HEADERS")?;
-        if self.extended {
+        if self.header_mode == HeaderMode::Extended {
             self.events
                 .push_back(Event::OptionSucceeded(OptionKind::ExtendedHeaders));
             return Ok(());
@@ -315,8 +333,7 @@ impl Connection {
             });
         }
         self.tls_on = true;
-        self.structured = false;
-        self.extended = false;
+        self.header_mode = HeaderMode::Simple;
         self.contexts.clear();
         self.contexts_export = None;
         self.state = State::Negotiating;
@@ -350,7 +367,7 @@ impl Connection {
     fn want_auto_meta(&self) -> bool {
         self.cfg.request_meta_context
             && !self.cfg.meta_contexts.is_empty()
-            && (self.structured || self.extended)
+            && self.header_mode != HeaderMode::Simple
     }
 
     fn start_info_or_go(&mut self, kind: OptionKind) {
@@ -365,7 +382,7 @@ impl Connection {
     fn send_info_or_go(&mut self, kind: OptionKind, origin: Origin, block_size: bool) {
         let mut infos = Vec::with_capacity(3);
         // Extended headers: always ask for block sizes (spec §2.3.10).
-        let block_size = block_size || self.extended;
+        let block_size = block_size || self.header_mode == HeaderMode::Extended;
         if block_size {
             infos.push(info::BLOCK_SIZE);
         }
@@ -419,7 +436,7 @@ impl Connection {
                     self.auto = AutoStep::StructuredReply;
                     if self.cfg.request_structured_replies
                         && self.cfg.request_extended_headers
-                        && !self.extended
+                        && self.header_mode != HeaderMode::Extended
                     {
                         self.send_option(OptionKind::ExtendedHeaders, &[], Origin::Auto);
                         return;
@@ -427,7 +444,8 @@ impl Connection {
                 }
                 AutoStep::StructuredReply => {
                     self.auto = AutoStep::Pause;
-                    if self.cfg.request_structured_replies && !self.extended && !self.structured {
+                    if self.cfg.request_structured_replies && self.header_mode == HeaderMode::Simple
+                    {
                         self.send_option(OptionKind::StructuredReply, &[], Origin::Auto);
                         return;
                     }
@@ -490,7 +508,7 @@ impl Connection {
                 }
                 Ok(false)
             }
-            State::Transmission | State::Closed => Ok(false),
+            State::Transmission | State::Closed(_) => Ok(false),
         }
     }
 
@@ -593,13 +611,8 @@ impl Connection {
         let info = self.sanitize(info)?;
         self.info = Some(info.clone());
         self.state = State::Transmission;
-        self.xmit.start(
-            &info,
-            self.structured,
-            self.extended,
-            &self.contexts,
-            &self.cfg,
-        );
+        self.xmit
+            .start(&info, self.header_mode, &self.contexts, &self.cfg);
         if self.contexts_export.as_deref() != Some(info.name.as_str()) {
             // Rule 86: contexts count only for the export finally selected.
             self.contexts.clear();
@@ -615,13 +628,13 @@ impl Connection {
         if info.size > i64::MAX as u64 {
             return Err(ProtocolError::ExportTooLarge(info.size));
         }
-        if !(self.structured || self.extended) {
+        if self.header_mode == HeaderMode::Simple {
             info.flags &= !tf::SEND_DF;
         }
         if info.flags & tf::SEND_WRITE_ZEROES == 0 {
             info.flags &= !tf::SEND_FAST_ZERO;
         }
-        if !self.extended {
+        if self.header_mode != HeaderMode::Extended {
             info.flags &= !tf::BLOCK_STATUS_PAYLOAD;
         }
         Ok(info)
@@ -854,11 +867,12 @@ impl Connection {
                 self.events.push_back(Event::StartTls);
                 return Ok(());
             }
-            OptionKind::StructuredReply => self.structured = true,
-            OptionKind::ExtendedHeaders => {
-                self.extended = true;
-                self.structured = true;
+            // Extended headers already include structured replies.
+            OptionKind::StructuredReply if self.header_mode == HeaderMode::Simple => {
+                self.header_mode = HeaderMode::Structured;
             }
+            OptionKind::StructuredReply => {}
+            OptionKind::ExtendedHeaders => self.header_mode = HeaderMode::Extended,
             OptionKind::SetMetaContext => {
                 self.contexts = p.contexts.clone();
                 self.contexts_export = Some(p.context_export.clone());
@@ -954,7 +968,10 @@ impl Connection {
                 return;
             }
             OptionKind::Info | OptionKind::Go => {
-                if error.reply == RepError::Unsup && kind == OptionKind::Go && !self.extended {
+                if error.reply == RepError::Unsup
+                    && kind == OptionKind::Go
+                    && self.header_mode != HeaderMode::Extended
+                {
                     // Rule 31: fall back to EXPORT_NAME.
                     self.send_export_name();
                     return;
@@ -999,7 +1016,7 @@ impl Connection {
                 }
                 self.xmit.eof_context()
             }
-            State::Closed => "closed".to_owned(),
+            State::Closed(r) => return r.clone(),
         };
         CloseReason::ServerKilledConnection { during }
     }

@@ -11,8 +11,9 @@ use bytes::{Bytes, BytesMut};
 use crate::client::Connection;
 use crate::config::{Config, Limits, Strict};
 use crate::consts::{chunk, cmd, cmd_flags as cf, errno, reply_flags, transmission_flags as tf};
-use crate::error::{CommandError, NbdErrno, ProtocolError, UsageError};
+use crate::error::{CommandError, NbdErrno, ProtocolError, Refused, UsageError};
 use crate::event::{Cookie, Event, ExportInfo, Extent, ReadChunkKind};
+use crate::flags::CmdFlags;
 use crate::negotiate::State;
 use crate::wire::reply::{self as wrep, HeaderMode, ReplyHeader};
 use crate::wire::request::{encode_block_status_filter, encode_request_array, RequestHeader};
@@ -69,6 +70,20 @@ struct Request {
     contexts_seen: Vec<u32>,
     /// Payload bytes charged against the in-flight byte limit.
     charged: u64,
+}
+
+/// A request checked and encoded, not yet in flight (see `Connection::prepare`).
+struct Prepared {
+    slot: u32,
+    generation: u32,
+    cookie: Cookie,
+    cmd: u16,
+    flags: u16,
+    offset: u64,
+    length: u64,
+    charged: u64,
+    header: [u8; 32],
+    header_len: usize,
 }
 
 /// A slot of the in-flight table; its vectors keep their capacity across
@@ -170,18 +185,11 @@ impl Transmission {
     pub(crate) fn start(
         &mut self,
         info: &ExportInfo,
-        structured: bool,
-        extended: bool,
+        mode: HeaderMode,
         contexts: &[(u32, String)],
         cfg: &Config,
     ) {
-        self.mode = if extended {
-            HeaderMode::Extended
-        } else if structured {
-            HeaderMode::Structured
-        } else {
-            HeaderMode::Simple
-        };
+        self.mode = mode;
         self.strict = cfg.strict;
         self.limits = cfg.limits.clone();
         self.size = info.size;
@@ -468,10 +476,11 @@ impl Connection {
     fn check_command(
         &self,
         c: u16,
-        flags: u16,
+        flags: CmdFlags,
         offset: u64,
         length: u64,
     ) -> Result<u16, UsageError> {
+        let flags = flags.bits();
         let x = &self.xmit;
         let s = x.strict;
         let name = command_name(c);
@@ -591,49 +600,31 @@ impl Connection {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn issue(
-        &mut self,
+    /// Builds the request header for the next request in `slot`, before
+    /// anything is committed, so that a refusal leaves no trace.
+    /// `payload_len` is the length of the payload sent with the request.
+    fn prepare(
+        &self,
         c: u16,
         flags: u16,
         offset: u64,
         length: u64,
-        buf: Option<BytesMut>,
-        payload: Option<Bytes>,
-        chunk_events: bool,
-    ) -> Result<Cookie, UsageError> {
+        payload_len: Option<u64>,
+    ) -> Result<Prepared, UsageError> {
         let charged = if matches!(c, cmd::READ | cmd::WRITE) {
             length
         } else {
             0
         };
         let slot = self.check_limits(charged)?;
-        let x = &mut self.xmit;
-        x.free.pop();
-        let s = &mut x.slots[slot as usize];
-        s.generation = s.generation.wrapping_add(1).max(1);
-        s.busy = true;
-        let r = &mut s.req;
-        r.cmd = c;
-        r.flags = flags;
-        r.offset = offset;
-        r.length = length;
-        r.buf = buf;
-        r.chunk_events = chunk_events;
-        r.error = None;
-        r.covered = 0;
-        r.content_chunks = 0;
-        r.ranges.clear();
-        r.contexts_seen.clear();
-        r.charged = charged;
-        x.in_flight += 1;
-        x.bytes_in_flight += charged;
-        let cookie = x.cookie(slot);
+        let x = &self.xmit;
+        let generation = x.slots[slot as usize].generation.wrapping_add(1).max(1);
+        let cookie = Cookie(u64::from(generation) << 32 | u64::from(slot));
         let extended = x.mode == HeaderMode::Extended;
-        let wire_len = match &payload {
+        let wire_len = match payload_len {
             // Extended mode: the header length of a payload-carrying command
             // is the payload length (rule 48).
-            Some(p) if flags & cf::PAYLOAD_LEN != 0 || !extended => p.len() as u64,
+            Some(p) if flags & cf::PAYLOAD_LEN != 0 || !extended => p,
             _ => length,
         };
         let h = RequestHeader {
@@ -643,28 +634,72 @@ impl Connection {
             offset,
             length: wire_len,
         };
-        match encode_request_array(&h, extended) {
-            Ok((bytes, n)) => self.tx.push_header(&bytes[..n]),
-            Err(_) => {
-                // Lengths were checked above; keep the table consistent anyway.
-                let mut ev = VecDeque::new();
-                self.xmit.complete(slot, Ok(()), &mut ev);
-                return Err(UsageError::TooLarge {
-                    length,
-                    max: u64::from(u32::MAX),
-                });
-            }
+        let (header, header_len) =
+            encode_request_array(&h, extended).map_err(|_| UsageError::TooLarge {
+                length: wire_len,
+                max: u64::from(u32::MAX),
+            })?;
+        Ok(Prepared {
+            slot,
+            generation,
+            cookie,
+            cmd: c,
+            flags,
+            offset,
+            length,
+            charged,
+            header,
+            header_len,
+        })
+    }
+
+    /// Commits a prepared request: records it in flight and queues it.
+    fn issue(
+        &mut self,
+        p: Prepared,
+        buf: Option<BytesMut>,
+        payload: Option<Bytes>,
+        chunk_events: bool,
+    ) -> Cookie {
+        let x = &mut self.xmit;
+        // `prepare` took the slot from the top of the free list, untouched since.
+        x.free.pop();
+        let s = &mut x.slots[p.slot as usize];
+        s.generation = p.generation;
+        s.busy = true;
+        let r = &mut s.req;
+        r.cmd = p.cmd;
+        r.flags = p.flags;
+        r.offset = p.offset;
+        r.length = p.length;
+        r.buf = buf;
+        r.chunk_events = chunk_events;
+        r.error = None;
+        r.covered = 0;
+        r.content_chunks = 0;
+        r.ranges.clear();
+        r.contexts_seen.clear();
+        r.charged = p.charged;
+        x.in_flight += 1;
+        x.bytes_in_flight += p.charged;
+        self.tx.push_header(&p.header[..p.header_len]);
+        if let Some(payload) = payload {
+            self.tx.push_payload(payload);
         }
-        if let Some(p) = payload {
-            self.tx.push_payload(p);
-        }
-        Ok(cookie)
+        p.cookie
     }
 
     /// Queues `NBD_CMD_READ` of `buf.len()` bytes at `offset` into `buf`
-    /// (flags: `DF`). The buffer comes back in [`Event::CommandDone`], filled;
-    /// payload bytes land in it straight from the socket where possible.
-    pub fn read(&mut self, offset: u64, buf: BytesMut, flags: u16) -> Result<Cookie, UsageError> {
+    /// (flags: [`CmdFlags::DF`]). The buffer comes back in
+    /// [`Event::CommandDone`], filled; payload bytes land in it straight
+    /// from the socket where possible. If the read is refused, the error
+    /// hands `buf` back ([`Refused`]) and nothing is sent.
+    pub fn read(
+        &mut self,
+        offset: u64,
+        buf: BytesMut,
+        flags: CmdFlags,
+    ) -> Result<Cookie, Refused<BytesMut>> {
         self.read_inner(offset, buf, flags, false)
     }
 
@@ -674,8 +709,8 @@ impl Connection {
         &mut self,
         offset: u64,
         buf: BytesMut,
-        flags: u16,
-    ) -> Result<Cookie, UsageError> {
+        flags: CmdFlags,
+    ) -> Result<Cookie, Refused<BytesMut>> {
         self.read_inner(offset, buf, flags, true)
     }
 
@@ -683,23 +718,43 @@ impl Connection {
         &mut self,
         offset: u64,
         buf: BytesMut,
-        flags: u16,
+        flags: CmdFlags,
         chunks: bool,
-    ) -> Result<Cookie, UsageError> {
-        self.need_ready("read")?;
+    ) -> Result<Cookie, Refused<BytesMut>> {
         let len = buf.len() as u64;
-        let flags = self.check_command(cmd::READ, flags, offset, len)?;
-        self.issue(cmd::READ, flags, offset, len, Some(buf), None, chunks)
+        let checked = self
+            .need_ready("read")
+            .and_then(|()| self.check_command(cmd::READ, flags, offset, len))
+            .and_then(|flags| self.prepare(cmd::READ, flags, offset, len, None));
+        match checked {
+            Ok(p) => Ok(self.issue(p, Some(buf), None, chunks)),
+            Err(error) => Err(Refused { error, buffer: buf }),
+        }
     }
 
-    /// Queues `NBD_CMD_WRITE` of `data` at `offset` (flags: `FUA`; with
-    /// extended headers `PAYLOAD_LEN` is set automatically). The payload is
-    /// sent from `data` itself, without a copy.
-    pub fn write(&mut self, offset: u64, data: Bytes, flags: u16) -> Result<Cookie, UsageError> {
-        self.need_ready("write")?;
+    /// Queues `NBD_CMD_WRITE` of `data` at `offset` (flags:
+    /// [`CmdFlags::FUA`]; with extended headers [`CmdFlags::PAYLOAD_LEN`] is
+    /// set automatically). The payload is sent from `data` itself, without
+    /// a copy. If the write is refused, the error hands `data` back
+    /// ([`Refused`]) and nothing is sent.
+    pub fn write(
+        &mut self,
+        offset: u64,
+        data: Bytes,
+        flags: CmdFlags,
+    ) -> Result<Cookie, Refused<Bytes>> {
         let len = data.len() as u64;
-        let flags = self.check_command(cmd::WRITE, flags, offset, len)?;
-        self.issue(cmd::WRITE, flags, offset, len, None, Some(data), false)
+        let checked = self
+            .need_ready("write")
+            .and_then(|()| self.check_command(cmd::WRITE, flags, offset, len))
+            .and_then(|flags| self.prepare(cmd::WRITE, flags, offset, len, Some(len)));
+        match checked {
+            Ok(p) => Ok(self.issue(p, None, Some(data), false)),
+            Err(error) => Err(Refused {
+                error,
+                buffer: data,
+            }),
+        }
     }
 
     /// Checks and queues a command that carries no payload and expects no
@@ -710,25 +765,36 @@ impl Connection {
         typ: u16,
         offset: u64,
         length: u64,
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Cookie, UsageError> {
         self.need_ready(call)?;
         let flags = self.check_command(typ, flags, offset, length)?;
-        self.issue(typ, flags, offset, length, None, None, false)
+        let p = self.prepare(typ, flags, offset, length, None)?;
+        Ok(self.issue(p, None, None, false))
     }
 
     /// Queues `NBD_CMD_FLUSH`.
-    pub fn flush(&mut self, flags: u16) -> Result<Cookie, UsageError> {
+    pub fn flush(&mut self, flags: CmdFlags) -> Result<Cookie, UsageError> {
         self.bare_command("flush", cmd::FLUSH, 0, 0, flags)
     }
 
     /// Queues `NBD_CMD_TRIM` of `length` bytes at `offset` (flags: `FUA`).
-    pub fn trim(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie, UsageError> {
+    pub fn trim(
+        &mut self,
+        offset: u64,
+        length: u64,
+        flags: CmdFlags,
+    ) -> Result<Cookie, UsageError> {
         self.bare_command("trim", cmd::TRIM, offset, length, flags)
     }
 
     /// Queues `NBD_CMD_CACHE` (a prefetch hint).
-    pub fn cache(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie, UsageError> {
+    pub fn cache(
+        &mut self,
+        offset: u64,
+        length: u64,
+        flags: CmdFlags,
+    ) -> Result<Cookie, UsageError> {
         self.bare_command("cache", cmd::CACHE, offset, length, flags)
     }
 
@@ -738,7 +804,7 @@ impl Connection {
         &mut self,
         offset: u64,
         length: u64,
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Cookie, UsageError> {
         self.bare_command("zero", cmd::WRITE_ZEROES, offset, length, flags)
     }
@@ -749,7 +815,7 @@ impl Connection {
         &mut self,
         offset: u64,
         length: u64,
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Cookie, UsageError> {
         self.bare_command("block_status", cmd::BLOCK_STATUS, offset, length, flags)
     }
@@ -761,11 +827,15 @@ impl Connection {
         offset: u64,
         length: u64,
         ids: &[u32],
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Cookie, UsageError> {
         self.need_ready("block_status_filter")?;
-        let flags =
-            self.check_command(cmd::BLOCK_STATUS, flags | cf::PAYLOAD_LEN, offset, length)?;
+        let flags = self.check_command(
+            cmd::BLOCK_STATUS,
+            flags | CmdFlags::PAYLOAD_LEN,
+            offset,
+            length,
+        )?;
         if self.xmit.strict.contains(Strict::COMMANDS) {
             if self.xmit.flags & tf::BLOCK_STATUS_PAYLOAD == 0 {
                 return Err(UsageError::NotAdvertised("block status payload (filter)"));
@@ -777,17 +847,17 @@ impl Connection {
                 return Err(UsageError::UnknownContext(format!("id {id}")));
             }
         }
-        let mut p = BytesMut::with_capacity(8 + 4 * ids.len());
-        encode_block_status_filter(length, ids, &mut p);
-        self.issue(
+        let mut payload = BytesMut::with_capacity(8 + 4 * ids.len());
+        encode_block_status_filter(length, ids, &mut payload);
+        let payload = payload.freeze();
+        let p = self.prepare(
             cmd::BLOCK_STATUS,
             flags,
             offset,
             length,
-            None,
-            Some(p.freeze()),
-            false,
-        )
+            Some(payload.len() as u64),
+        )?;
+        Ok(self.issue(p, None, Some(payload), false))
     }
 
     /// Queues `NBD_CMD_DISC` (soft disconnect). Requests already in flight

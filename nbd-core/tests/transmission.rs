@@ -22,8 +22,8 @@ use nbd_core::wire::reply::{encode_chunk_header, encode_simple_reply, HeaderMode
 use nbd_core::wire::request::{parse_request, RequestHeader};
 use nbd_core::wire::WireError;
 use nbd_core::{
-    CloseReason, CommandError, Config, Connection, Cookie, Event, Extent, Limits, NbdErrno, Phase,
-    ProtocolError, ReadChunkKind, Strict, UsageError,
+    CloseReason, CmdFlags, CommandError, Config, Connection, Cookie, Event, Extent, Limits,
+    NbdErrno, Phase, ProtocolError, ReadChunkKind, Strict, UsageError,
 };
 
 const KIB: u64 = 1024;
@@ -429,8 +429,8 @@ impl Harness {
     // ----- commands -----
 
     /// Registers a successful submission.
-    fn ok(&mut self, r: Result<Cookie, UsageError>) -> Cookie {
-        let c = r.expect("submission should succeed");
+    fn ok(&mut self, r: Result<Cookie, impl Into<UsageError>>) -> Cookie {
+        let c = r.map_err(Into::into).expect("submission should succeed");
         assert!(
             self.issued.insert(c),
             "cookie {c:?} issued twice while in flight"
@@ -440,13 +440,15 @@ impl Harness {
 
     /// A read into a buffer pre-filled with 0xff.
     fn read(&mut self, offset: u64, len: u64) -> Cookie {
-        let r = self
-            .conn
-            .read(offset, BytesMut::from(&vec![0xff; len as usize][..]), 0);
+        let r = self.conn.read(
+            offset,
+            BytesMut::from(&vec![0xff; len as usize][..]),
+            CmdFlags::empty(),
+        );
         self.ok(r)
     }
 
-    fn read_flags(&mut self, offset: u64, len: u64, flags: u16) -> Cookie {
+    fn read_flags(&mut self, offset: u64, len: u64, flags: CmdFlags) -> Cookie {
         let r = self
             .conn
             .read(offset, BytesMut::from(&vec![0xff; len as usize][..]), flags);
@@ -454,16 +456,18 @@ impl Harness {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Cookie {
-        let r = self.conn.write(offset, Bytes::copy_from_slice(data), 0);
+        let r = self
+            .conn
+            .write(offset, Bytes::copy_from_slice(data), CmdFlags::empty());
         self.ok(r)
     }
 
     fn flush(&mut self) -> Cookie {
-        let r = self.conn.flush(0);
+        let r = self.conn.flush(CmdFlags::empty());
         self.ok(r)
     }
 
-    fn block_status(&mut self, offset: u64, len: u64, flags: u16) -> Cookie {
+    fn block_status(&mut self, offset: u64, len: u64, flags: CmdFlags) -> Cookie {
         let r = self.conn.block_status(offset, len, flags);
         self.ok(r)
     }
@@ -684,7 +688,7 @@ fn s3_3_simple_write_flush_trim_out_of_order() {
     let data = pattern(3, 1024);
     let w = h.write(0, &data);
     let f = h.flush();
-    let t = h.conn.trim(8192, 4096, cf::FUA);
+    let t = h.conn.trim(8192, 4096, CmdFlags::FUA);
     let t = h.ok(t);
     let s = h.sent();
     assert_eq!(s.len(), 3);
@@ -863,7 +867,7 @@ fn zero_copy_simple_read_lands_in_callers_buffer() {
     let len = MIB as usize;
     let buf = BytesMut::zeroed(len);
     let base = buf.as_ptr() as usize;
-    let c = h.conn.read(0, buf, 0);
+    let c = h.conn.read(0, buf, CmdFlags::empty());
     let c = h.ok(c);
     h.sent();
     let data = pattern(42, len);
@@ -901,7 +905,7 @@ fn zero_copy_simple_read_lands_in_callers_buffer() {
 fn zero_copy_header_with_partial_payload() {
     let mut h = Setup::new(Mode::Simple).connect();
     let len = MIB as usize;
-    let c = h.conn.read(0, BytesMut::zeroed(len), 0);
+    let c = h.conn.read(0, BytesMut::zeroed(len), CmdFlags::empty());
     let c = h.ok(c);
     let next = h.flush();
     h.sent();
@@ -988,7 +992,7 @@ fn zero_copy_offset_data_chunk_targets_its_region() {
     let len = 512 * KIB as usize;
     let buf = BytesMut::zeroed(len);
     let base = buf.as_ptr() as usize;
-    let c = h.conn.read(MIB, buf, 0);
+    let c = h.conn.read(MIB, buf, CmdFlags::empty());
     let c = h.ok(c);
     h.sent();
     let data = pattern(11, len);
@@ -1022,7 +1026,7 @@ fn zero_copy_large_reads_keep_receive_buffer_reads_short() {
     let len = 256 * KIB as usize;
     let buf = BytesMut::zeroed(len);
     let base = buf.as_ptr() as usize;
-    let c = h.conn.read(0, buf, 0);
+    let c = h.conn.read(0, buf, CmdFlags::empty());
     let c = h.ok(c);
     h.sent();
     let data = pattern(3, len);
@@ -1045,7 +1049,7 @@ fn zero_copy_large_reads_keep_receive_buffer_reads_short() {
     assert!(out[..] == data[..]);
     // Small reads in flight: the whole free buffer is offered again, so
     // that one socket read can take many replies.
-    let c = h.conn.read(0, BytesMut::zeroed(4096), 0);
+    let c = h.conn.read(0, BytesMut::zeroed(4096), CmdFlags::empty());
     h.ok(c);
     h.sent();
     assert!(h.conn.recv_buf().len() > 64 * KIB as usize);
@@ -1097,7 +1101,9 @@ fn s3_8_offset_hole_zero_fills() {
 #[test]
 fn s3_8_read_with_chunk_events() {
     let mut h = Setup::new(Mode::Structured).connect();
-    let r = h.conn.read_with_chunks(0, BytesMut::zeroed(2048), 0);
+    let r = h
+        .conn
+        .read_with_chunks(0, BytesMut::zeroed(2048), CmdFlags::empty());
     let c = h.ok(r);
     h.sent();
     let stream = cat(&[&h.data(0, c, 1024, &[7; 1024]), &h.hole(DONE, c, 0, 1024)]);
@@ -1528,7 +1534,7 @@ fn rule_95_unknown_reply_flags_ignored() {
 #[test]
 fn s3_6_df_read_with_two_content_chunks_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
-    let c = h.read_flags(0, 1024, cf::DF);
+    let c = h.read_flags(0, 1024, CmdFlags::DF);
     let s = h.sent_one();
     assert_eq!(s.header.flags, cf::DF);
     let stream = cat(&[&h.data(0, c, 0, &[1; 512]), &h.hole(DONE, c, 512, 512)]);
@@ -1539,7 +1545,7 @@ fn s3_6_df_read_with_two_content_chunks_is_fatal() {
 #[test]
 fn s3_6_df_read_single_chunk_ok() {
     let mut h = Setup::new(Mode::Structured).connect();
-    let c = h.read_flags(0, 1024, cf::DF);
+    let c = h.read_flags(0, 1024, CmdFlags::DF);
     h.sent();
     let r = h.data(DONE, c, 0, &[1; 1024]);
     h.feed(&r);
@@ -1630,7 +1636,7 @@ fn rule_74_compact_write_never_sets_payload_len() {
     let mut h = Setup::new(Mode::Structured).connect();
     let w = h
         .conn
-        .write(0, Bytes::from_static(&[1; 512]), cf::PAYLOAD_LEN);
+        .write(0, Bytes::from_static(&[1; 512]), CmdFlags::PAYLOAD_LEN);
     let w = h.ok(w);
     let s = h.sent_one();
     assert_eq!(s.header_len, 28);
@@ -1707,9 +1713,9 @@ fn s3_2_extended_64bit_effect_lengths() {
     let size = 1u64 << 40;
     let mut h = Setup::new(Mode::Extended).size(size).connect();
     let len = (1u64 << 33) + 4096;
-    let t = h.conn.trim(0, len, 0);
+    let t = h.conn.trim(0, len, CmdFlags::empty());
     let t = h.ok(t);
-    let z = h.conn.write_zeroes(4096, len, cf::NO_HOLE);
+    let z = h.conn.write_zeroes(4096, len, CmdFlags::NO_HOLE);
     let z = h.ok(z);
     let s = h.sent();
     assert_eq!(s[0].header.length, len);
@@ -1730,7 +1736,7 @@ fn s3_10_block_status_ext_with_64bit_lengths() {
         .base_allocation(7)
         .connect();
     let len = 1u64 << 36;
-    let c = h.block_status(0, len, 0);
+    let c = h.block_status(0, len, CmdFlags::empty());
     let s = h.sent_one();
     assert_eq!((s.header_len, s.header.length), (32, len));
     let big = (1u64 << 33) + 512;
@@ -1774,7 +1780,7 @@ fn s3_10_block_status_ext_with_64bit_lengths() {
 #[test]
 fn s3_8_block_status_ext_count_mismatch_is_fatal() {
     let mut h = Setup::new(Mode::Extended).base_allocation(1).connect();
-    let c = h.block_status(0, 4096, 0);
+    let c = h.block_status(0, 4096, CmdFlags::empty());
     h.sent();
     let mut p = status_ext(1, &[(4096, 0)]);
     p[4..8].copy_from_slice(&2u32.to_be_bytes());
@@ -1786,7 +1792,7 @@ fn s3_8_block_status_ext_count_mismatch_is_fatal() {
 #[test]
 fn s3_8_block_status_type5_in_extended_mode_is_fatal() {
     let mut h = Setup::new(Mode::Extended).base_allocation(1).connect();
-    let c = h.block_status(0, 4096, 0);
+    let c = h.block_status(0, 4096, CmdFlags::empty());
     h.sent();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(4096, 0)]));
     h.feed(&r);
@@ -1796,7 +1802,7 @@ fn s3_8_block_status_type5_in_extended_mode_is_fatal() {
 #[test]
 fn s3_8_block_status_ext_in_structured_mode_is_fatal() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-    let c = h.block_status(0, 4096, 0);
+    let c = h.block_status(0, 4096, CmdFlags::empty());
     h.sent();
     let r = h.chunk(
         DONE,
@@ -1822,7 +1828,7 @@ fn two_contexts() -> Harness {
 fn s3_10_block_status_event_per_context() {
     let mut h = two_contexts();
     assert_eq!(h.conn.meta_context_id("base:allocation"), Some(1));
-    let c = h.block_status(MIB, 64 * KIB, 0);
+    let c = h.block_status(MIB, 64 * KIB, CmdFlags::empty());
     let s = h.sent_one();
     assert_eq!(s.header.typ, cmd::BLOCK_STATUS);
     assert_eq!((s.header.offset, s.header.length), (MIB, 64 * KIB));
@@ -1888,7 +1894,7 @@ fn s3_10_block_status_event_per_context() {
 #[test]
 fn s3_10_block_status_done_on_last_status_chunk() {
     let mut h = two_contexts();
-    let c = h.block_status(0, 4096, 0);
+    let c = h.block_status(0, 4096, CmdFlags::empty());
     h.sent();
     let stream = cat(&[
         &h.chunk(0, chunk::BLOCK_STATUS, c, &status(1, &[(4096, 0)])),
@@ -1910,12 +1916,12 @@ fn s3_10_block_status_done_on_last_status_chunk() {
 #[test]
 fn s3_10_block_status_error_chunk_fails_request_and_continues() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-    let c = h.block_status(0, 4096, 0);
+    let c = h.block_status(0, 4096, CmdFlags::empty());
     h.sent();
     let r = h.error(DONE, c, errno::EINVAL, "out of range");
     h.feed(&r);
     assert_eq!(server_err(&h.done_err(c)).0, errno::EINVAL);
-    let d = h.block_status(0, 4096, 0);
+    let d = h.block_status(0, 4096, CmdFlags::empty());
     h.sent();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, d, &status(1, &[(4096, 0)]));
     h.feed(&r);
@@ -1925,7 +1931,7 @@ fn s3_10_block_status_error_chunk_fails_request_and_continues() {
 #[test]
 fn s3_10_unknown_context_id_is_fatal() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-    let c = h.block_status(0, 4096, 0);
+    let c = h.block_status(0, 4096, CmdFlags::empty());
     h.sent();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(2, &[(4096, 0)]));
     h.feed(&r);
@@ -1935,7 +1941,7 @@ fn s3_10_unknown_context_id_is_fatal() {
 #[test]
 fn s3_10_duplicate_context_is_fatal() {
     let mut h = two_contexts();
-    let c = h.block_status(0, 4096, 0);
+    let c = h.block_status(0, 4096, CmdFlags::empty());
     h.sent();
     let stream = cat(&[
         &h.chunk(0, chunk::BLOCK_STATUS, c, &status(1, &[(4096, 0)])),
@@ -1948,7 +1954,7 @@ fn s3_10_duplicate_context_is_fatal() {
 #[test]
 fn s3_10_req_one_with_two_extents_is_fatal() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-    let c = h.block_status(0, 8192, cf::REQ_ONE);
+    let c = h.block_status(0, 8192, CmdFlags::REQ_ONE);
     assert_eq!(h.sent_one().header.flags, cf::REQ_ONE);
     let r = h.chunk(
         DONE,
@@ -1963,7 +1969,7 @@ fn s3_10_req_one_with_two_extents_is_fatal() {
 #[test]
 fn s3_10_req_one_extent_longer_than_request_is_fatal() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-    let c = h.block_status(0, 8192, cf::REQ_ONE);
+    let c = h.block_status(0, 8192, CmdFlags::REQ_ONE);
     h.sent();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(8193, 0)]));
     h.feed(&r);
@@ -1973,7 +1979,7 @@ fn s3_10_req_one_extent_longer_than_request_is_fatal() {
 #[test]
 fn s3_10_req_one_single_short_extent_ok() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-    let c = h.block_status(0, 8192, cf::REQ_ONE);
+    let c = h.block_status(0, 8192, CmdFlags::REQ_ONE);
     h.sent();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(512, 0)]));
     h.feed(&r);
@@ -1983,7 +1989,7 @@ fn s3_10_req_one_single_short_extent_ok() {
 #[test]
 fn s3_10_zero_length_extent_is_fatal() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-    let c = h.block_status(0, 8192, 0);
+    let c = h.block_status(0, 8192, CmdFlags::empty());
     h.sent();
     let r = h.chunk(
         DONE,
@@ -2003,7 +2009,7 @@ fn s3_10_first_extents_reaching_request_length_is_fatal() {
         [(4096, 0), (8192, 0), (512, 0)],
     ] {
         let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-        let c = h.block_status(0, 8192, 0);
+        let c = h.block_status(0, 8192, CmdFlags::empty());
         h.sent();
         let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &ext));
         h.feed(&r);
@@ -2014,7 +2020,7 @@ fn s3_10_first_extents_reaching_request_length_is_fatal() {
 #[test]
 fn s3_10_last_extent_may_exceed_request() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-    let c = h.block_status(0, 8192, 0);
+    let c = h.block_status(0, 8192, CmdFlags::empty());
     h.sent();
     let r = h.chunk(
         DONE,
@@ -2035,7 +2041,7 @@ fn s3_8_block_status_bad_length_is_fatal() {
         [status(1, &[(4096, 0)]), vec![0; 3]].concat(),
     ] {
         let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-        let c = h.block_status(0, 4096, 0);
+        let c = h.block_status(0, 4096, CmdFlags::empty());
         h.sent();
         let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &p);
         h.feed(&r);
@@ -2056,7 +2062,7 @@ fn s3_10_too_many_extents_is_fatal() {
         .base_allocation(1)
         .limits(limits)
         .connect();
-    let c = h.block_status(0, 8192, 0);
+    let c = h.block_status(0, 8192, CmdFlags::empty());
     h.sent();
     let ext: Vec<_> = (0..5).map(|_| (512u32, 0u32)).collect();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &ext));
@@ -2107,21 +2113,24 @@ fn strict_commands_read_only_export() {
     strict_case(
         ro,
         Strict::COMMANDS,
-        |c| c.write(0, Bytes::from_static(&[0; 512]), 0),
+        |c| {
+            c.write(0, Bytes::from_static(&[0; 512]), CmdFlags::empty())
+                .map_err(UsageError::from)
+        },
         is_ro,
         |s| assert_eq!(s.header.typ, cmd::WRITE),
     );
     strict_case(
         ro,
         Strict::COMMANDS,
-        |c| c.trim(0, 512, 0),
+        |c| c.trim(0, 512, CmdFlags::empty()),
         is_ro,
         |s| assert_eq!(s.header.typ, cmd::TRIM),
     );
     strict_case(
         ro,
         Strict::COMMANDS,
-        |c| c.write_zeroes(0, 512, 0),
+        |c| c.write_zeroes(0, 512, CmdFlags::empty()),
         is_ro,
         |s| assert_eq!(s.header.typ, cmd::WRITE_ZEROES),
     );
@@ -2135,14 +2144,22 @@ fn strict_commands_read_only_export() {
 fn strict_commands_unadvertised_commands() {
     type Cmd = fn(&mut Connection) -> Result<Cookie, UsageError>;
     let cases: [(u16, Cmd, u16); 4] = [
-        (tf::SEND_FLUSH, |c| c.flush(0), cmd::FLUSH),
-        (tf::SEND_TRIM, |c| c.trim(0, 512, 0), cmd::TRIM),
+        (tf::SEND_FLUSH, |c| c.flush(CmdFlags::empty()), cmd::FLUSH),
+        (
+            tf::SEND_TRIM,
+            |c| c.trim(0, 512, CmdFlags::empty()),
+            cmd::TRIM,
+        ),
         (
             tf::SEND_WRITE_ZEROES,
-            |c| c.write_zeroes(0, 512, 0),
+            |c| c.write_zeroes(0, 512, CmdFlags::empty()),
             cmd::WRITE_ZEROES,
         ),
-        (tf::SEND_CACHE, |c| c.cache(0, 512, 0), cmd::CACHE),
+        (
+            tf::SEND_CACHE,
+            |c| c.cache(0, 512, CmdFlags::empty()),
+            cmd::CACHE,
+        ),
     ];
     for (flag, f, typ) in cases {
         strict_case(
@@ -2168,7 +2185,10 @@ fn strict_commands_fua_without_send_fua() {
                 .strict(s)
         },
         Strict::COMMANDS,
-        |c| c.write(0, Bytes::from_static(&[0; 512]), cf::FUA),
+        |c| {
+            c.write(0, Bytes::from_static(&[0; 512]), CmdFlags::FUA)
+                .map_err(UsageError::from)
+        },
         |e| *e == UsageError::NotAdvertised("the FUA flag"),
         |s| assert_eq!(s.header.flags & cf::FUA, cf::FUA),
     );
@@ -2183,13 +2203,20 @@ fn strict_commands_df_without_send_df() {
                 .strict(s)
         },
         Strict::COMMANDS,
-        |c| c.read(0, BytesMut::zeroed(512), cf::DF),
+        |c| {
+            c.read(0, BytesMut::zeroed(512), CmdFlags::DF)
+                .map_err(UsageError::from)
+        },
         |e| *e == UsageError::NotAdvertised("the DF flag"),
         |s| assert_eq!(s.header.flags, cf::DF),
     );
     // Without structured replies DF is never advertised (sanitized away).
     let mut h = Setup::new(Mode::Simple).connect();
-    let e = h.conn.read(0, BytesMut::zeroed(512), cf::DF).unwrap_err();
+    let e = h
+        .conn
+        .read(0, BytesMut::zeroed(512), CmdFlags::DF)
+        .unwrap_err()
+        .error;
     assert_eq!(e, UsageError::NotAdvertised("the DF flag"));
     h.nothing_sent();
 }
@@ -2203,7 +2230,7 @@ fn strict_commands_fast_zero_without_send_fast_zero() {
                 .strict(s)
         },
         Strict::COMMANDS,
-        |c| c.write_zeroes(0, 512, cf::FAST_ZERO),
+        |c| c.write_zeroes(0, 512, CmdFlags::FAST_ZERO),
         |e| *e == UsageError::NotAdvertised("the FAST_ZERO flag"),
         |s| assert_eq!(s.header.flags, cf::FAST_ZERO),
     );
@@ -2213,14 +2240,29 @@ fn strict_commands_fast_zero_without_send_fast_zero() {
 fn strict_flags_unknown_or_misplaced_flags() {
     type Cmd = fn(&mut Connection) -> Result<Cookie, UsageError>;
     let cases: [(Cmd, u16); 5] = [
-        (|c| c.read(0, BytesMut::zeroed(512), cf::FUA), cf::FUA),
-        (|c| c.read(0, BytesMut::zeroed(512), 0x8000), 0x8000),
-        (|c| c.flush(cf::NO_HOLE), cf::NO_HOLE),
         (
-            |c| c.write(0, Bytes::from_static(&[0; 512]), cf::REQ_ONE),
+            |c| {
+                c.read(0, BytesMut::zeroed(512), CmdFlags::FUA)
+                    .map_err(UsageError::from)
+            },
+            cf::FUA,
+        ),
+        (
+            |c| {
+                c.read(0, BytesMut::zeroed(512), CmdFlags::from_bits(0x8000))
+                    .map_err(UsageError::from)
+            },
+            0x8000,
+        ),
+        (|c| c.flush(CmdFlags::NO_HOLE), cf::NO_HOLE),
+        (
+            |c| {
+                c.write(0, Bytes::from_static(&[0; 512]), CmdFlags::REQ_ONE)
+                    .map_err(UsageError::from)
+            },
             cf::REQ_ONE,
         ),
-        (|c| c.trim(0, 512, cf::FAST_ZERO), cf::FAST_ZERO),
+        (|c| c.trim(0, 512, CmdFlags::FAST_ZERO), cf::FAST_ZERO),
     ];
     for (f, flag) in cases {
         strict_case(
@@ -2238,10 +2280,16 @@ fn strict_bounds_out_of_bounds() {
     let size = MIB;
     type Cmd = fn(&mut Connection) -> Result<Cookie, UsageError>;
     let cases: [Cmd; 4] = [
-        |c| c.read(MIB - 512, BytesMut::zeroed(1024), 0),
-        |c| c.write(MIB, Bytes::from_static(&[0; 512]), 0),
-        |c| c.trim(u64::MAX - 511, 1024, 0),
-        |c| c.cache(0, MIB + 1, 0),
+        |c| {
+            c.read(MIB - 512, BytesMut::zeroed(1024), CmdFlags::empty())
+                .map_err(UsageError::from)
+        },
+        |c| {
+            c.write(MIB, Bytes::from_static(&[0; 512]), CmdFlags::empty())
+                .map_err(UsageError::from)
+        },
+        |c| c.trim(u64::MAX - 511, 1024, CmdFlags::empty()),
+        |c| c.cache(0, MIB + 1, CmdFlags::empty()),
     ];
     for f in cases {
         strict_case(
@@ -2258,10 +2306,16 @@ fn strict_bounds_out_of_bounds() {
 fn strict_zero_size() {
     type Cmd = fn(&mut Connection) -> Result<Cookie, UsageError>;
     let cases: [Cmd; 4] = [
-        |c| c.read(0, BytesMut::new(), 0),
-        |c| c.write(0, Bytes::new(), 0),
-        |c| c.trim(0, 0, 0),
-        |c| c.block_status(0, 0, 0),
+        |c| {
+            c.read(0, BytesMut::new(), CmdFlags::empty())
+                .map_err(UsageError::from)
+        },
+        |c| {
+            c.write(0, Bytes::new(), CmdFlags::empty())
+                .map_err(UsageError::from)
+        },
+        |c| c.trim(0, 0, CmdFlags::empty()),
+        |c| c.block_status(0, 0, CmdFlags::empty()),
     ];
     for f in cases {
         strict_case(
@@ -2313,11 +2367,20 @@ fn strict_align_with_advertised_minimum() {
         let m = u64::from(min);
         type Cmd = Box<dyn Fn(&mut Connection) -> Result<Cookie, UsageError>>;
         let cases: Vec<Cmd> = vec![
-            Box::new(move |c| c.read(m / 2, BytesMut::zeroed(min as usize), 0)),
-            Box::new(move |c| c.read(m, BytesMut::zeroed(min as usize + 1), 0)),
-            Box::new(move |c| c.write(0, Bytes::from(vec![0; min as usize / 2]), 0)),
-            Box::new(move |c| c.trim(m + 1, m, 0)),
-            Box::new(move |c| c.write_zeroes(0, 3 * m - 256, 0)),
+            Box::new(move |c| {
+                c.read(m / 2, BytesMut::zeroed(min as usize), CmdFlags::empty())
+                    .map_err(UsageError::from)
+            }),
+            Box::new(move |c| {
+                c.read(m, BytesMut::zeroed(min as usize + 1), CmdFlags::empty())
+                    .map_err(UsageError::from)
+            }),
+            Box::new(move |c| {
+                c.write(0, Bytes::from(vec![0; min as usize / 2]), CmdFlags::empty())
+                    .map_err(UsageError::from)
+            }),
+            Box::new(move |c| c.trim(m + 1, m, CmdFlags::empty())),
+            Box::new(move |c| c.write_zeroes(0, 3 * m - 256, CmdFlags::empty())),
         ];
         for f in cases {
             strict_case(
@@ -2354,7 +2417,14 @@ fn strict_payload_write_over_max() {
     strict_case(
         setup,
         Strict::PAYLOAD,
-        |c| c.write(0, Bytes::from(vec![0; MIB as usize + 512]), 0),
+        |c| {
+            c.write(
+                0,
+                Bytes::from(vec![0; MIB as usize + 512]),
+                CmdFlags::empty(),
+            )
+            .map_err(UsageError::from)
+        },
         |e| matches!(e, UsageError::TooLarge { max: m, .. } if *m == MIB),
         |s| assert_eq!(s.payload.len(), MIB as usize + 512),
     );
@@ -2376,7 +2446,10 @@ fn strict_payload_simple_read_over_max() {
                 .strict(s)
         },
         Strict::PAYLOAD,
-        |c| c.read(0, BytesMut::zeroed(65536 + 512), 0),
+        |c| {
+            c.read(0, BytesMut::zeroed(65536 + 512), CmdFlags::empty())
+                .map_err(UsageError::from)
+        },
         |e| matches!(e, UsageError::TooLarge { max: 65536, .. }),
         |_| {},
     );
@@ -2388,8 +2461,13 @@ fn strict_payload_default_is_32mib() {
     assert_eq!(h.conn.payload_max(), 32 * MIB);
     let e = h
         .conn
-        .write(0, Bytes::from(vec![0; 32 * MIB as usize + 512]), 0)
-        .unwrap_err();
+        .write(
+            0,
+            Bytes::from(vec![0; 32 * MIB as usize + 512]),
+            CmdFlags::empty(),
+        )
+        .unwrap_err()
+        .error;
     assert!(matches!(e, UsageError::TooLarge { .. }));
     h.nothing_sent();
 }
@@ -2403,8 +2481,13 @@ fn always_read_over_64mib_refused() {
             .connect();
         let e = h
             .conn
-            .read(0, BytesMut::zeroed(64 * MIB as usize + 512), 0)
-            .unwrap_err();
+            .read(
+                0,
+                BytesMut::zeroed(64 * MIB as usize + 512),
+                CmdFlags::empty(),
+            )
+            .unwrap_err()
+            .error;
         assert_eq!(
             e,
             UsageError::TooLarge {
@@ -2422,10 +2505,10 @@ fn always_non_data_length_over_u32_without_extended_refused() {
     let len = 1u64 << 32;
     type Cmd = fn(&mut Connection, u64) -> Result<Cookie, UsageError>;
     let cases: [Cmd; 4] = [
-        |c, l| c.trim(0, l, 0),
-        |c, l| c.write_zeroes(0, l, 0),
-        |c, l| c.cache(0, l, 0),
-        |c, l| c.block_status(0, l, 0),
+        |c, l| c.trim(0, l, CmdFlags::empty()),
+        |c, l| c.write_zeroes(0, l, CmdFlags::empty()),
+        |c, l| c.cache(0, l, CmdFlags::empty()),
+        |c, l| c.block_status(0, l, CmdFlags::empty()),
     ];
     for mode in [Mode::Simple, Mode::Structured] {
         for f in cases {
@@ -2457,7 +2540,7 @@ fn strict_commands_block_status_without_context() {
     strict_case(
         |s| Setup::new(Mode::Structured).strict(s),
         Strict::COMMANDS,
-        |c| c.block_status(0, 4096, 0),
+        |c| c.block_status(0, 4096, CmdFlags::empty()),
         |e| matches!(e, UsageError::NotAdvertised(m) if m.contains("meta context")),
         |s| assert_eq!(s.header.typ, cmd::BLOCK_STATUS),
     );
@@ -2465,7 +2548,7 @@ fn strict_commands_block_status_without_context() {
     strict_case(
         |s| Setup::new(Mode::Simple).base_allocation(1).strict(s),
         Strict::COMMANDS,
-        |c| c.block_status(0, 4096, 0),
+        |c| c.block_status(0, 4096, CmdFlags::empty()),
         |e| matches!(e, UsageError::NotAdvertised(_)),
         |s| assert_eq!(s.header_len, 28),
     );
@@ -2479,14 +2562,14 @@ fn strict_block_status_filter_checks() {
     strict_case(
         ext,
         Strict::COMMANDS,
-        |c| c.block_status_filter(0, 4096, &[1, 3], 0),
+        |c| c.block_status_filter(0, 4096, &[1, 3], CmdFlags::empty()),
         |e| matches!(e, UsageError::UnknownContext(_)),
         |s| assert_eq!(s.payload.len(), 16),
     );
     strict_case(
         ext,
         Strict::COMMANDS,
-        |c| c.block_status_filter(0, 4096, &[], 0),
+        |c| c.block_status_filter(0, 4096, &[], CmdFlags::empty()),
         |e| matches!(e, UsageError::UnknownContext(_)),
         |s| assert_eq!(s.payload.len(), 8),
     );
@@ -2499,18 +2582,24 @@ fn strict_block_status_filter_checks() {
                 .strict(s)
         },
         Strict::COMMANDS,
-        |c| c.block_status_filter(0, 4096, &[4], 0),
+        |c| c.block_status_filter(0, 4096, &[4], CmdFlags::empty()),
         |e| matches!(e, UsageError::NotAdvertised(_)),
         |_| {},
     );
     // Without extended headers the flag is never in force.
     let mut h = Setup::new(Mode::Structured).contexts(&ctx).connect();
-    let e = h.conn.block_status_filter(0, 4096, &[4], 0).unwrap_err();
+    let e = h
+        .conn
+        .block_status_filter(0, 4096, &[4], CmdFlags::empty())
+        .unwrap_err();
     assert!(matches!(e, UsageError::NotAdvertised(_)));
     h.nothing_sent();
     // The flag given by the caller for the plain form is checked too.
     let mut h = ext(Strict::ALL).connect();
-    let e = h.conn.block_status(0, 4096, cf::FUA | cf::DF).unwrap_err();
+    let e = h
+        .conn
+        .block_status(0, 4096, CmdFlags::FUA | CmdFlags::DF)
+        .unwrap_err();
     assert!(matches!(e, UsageError::BadFlags { .. }));
     h.nothing_sent();
 }
@@ -2519,7 +2608,9 @@ fn strict_block_status_filter_checks() {
 fn rule_77_block_status_filter_on_the_wire() {
     let ctx = [(1, "base:allocation"), (4, "qemu:allocation-depth")];
     let mut h = Setup::new(Mode::Extended).contexts(&ctx).connect();
-    let c = h.conn.block_status_filter(8192, 1 << 20, &[4], 0);
+    let c = h
+        .conn
+        .block_status_filter(8192, 1 << 20, &[4], CmdFlags::empty());
     let c = h.ok(c);
     let s = h.sent_one();
     assert_eq!(s.header_len, 32);
@@ -2557,17 +2648,27 @@ fn life_03_commands_after_disconnect_refused() {
         "rule 80"
     );
     let wrong = |e: UsageError| matches!(e, UsageError::WrongPhase { .. });
-    assert!(wrong(h.conn.read(0, BytesMut::zeroed(512), 0).unwrap_err()));
     assert!(wrong(
         h.conn
-            .write(0, Bytes::from_static(&[0; 512]), 0)
+            .read(0, BytesMut::zeroed(512), CmdFlags::empty())
             .unwrap_err()
+            .error
     ));
-    assert!(wrong(h.conn.flush(0).unwrap_err()));
-    assert!(wrong(h.conn.trim(0, 512, 0).unwrap_err()));
-    assert!(wrong(h.conn.cache(0, 512, 0).unwrap_err()));
-    assert!(wrong(h.conn.write_zeroes(0, 512, 0).unwrap_err()));
-    assert!(wrong(h.conn.block_status(0, 512, 0).unwrap_err()));
+    assert!(wrong(
+        h.conn
+            .write(0, Bytes::from_static(&[0; 512]), CmdFlags::empty())
+            .unwrap_err()
+            .error
+    ));
+    assert!(wrong(h.conn.flush(CmdFlags::empty()).unwrap_err()));
+    assert!(wrong(h.conn.trim(0, 512, CmdFlags::empty()).unwrap_err()));
+    assert!(wrong(h.conn.cache(0, 512, CmdFlags::empty()).unwrap_err()));
+    assert!(wrong(
+        h.conn.write_zeroes(0, 512, CmdFlags::empty()).unwrap_err()
+    ));
+    assert!(wrong(
+        h.conn.block_status(0, 512, CmdFlags::empty()).unwrap_err()
+    ));
     assert!(wrong(h.conn.disconnect().unwrap_err()), "second disconnect");
     h.nothing_sent(); // rule 81
     h.conn.handle_eof();
@@ -2578,7 +2679,7 @@ fn life_03_commands_after_disconnect_refused() {
     ));
     assert_eq!(h.conn.phase(), Phase::Closed);
     // And once closed.
-    assert!(wrong(h.conn.flush(0).unwrap_err()));
+    assert!(wrong(h.conn.flush(CmdFlags::empty()).unwrap_err()));
 }
 
 // ===========================================================================
@@ -2595,7 +2696,7 @@ fn limits_max_in_flight() {
     let cookies: Vec<_> = (0..4).map(|_| h.flush()).collect();
     assert_eq!(h.conn.in_flight(), 4);
     assert!(!h.conn.has_room(0));
-    let e = h.conn.flush(0).unwrap_err();
+    let e = h.conn.flush(CmdFlags::empty()).unwrap_err();
     assert_eq!(
         e,
         UsageError::InFlightLimit {
@@ -2624,7 +2725,11 @@ fn limits_bytes_in_flight() {
     let _b = h.write(MIB, &vec![0; 512 * KIB as usize]);
     assert!(!h.conn.has_room(512));
     assert!(h.conn.has_room(0), "commands without payload still fit");
-    let e = h.conn.read(0, BytesMut::zeroed(512), 0).unwrap_err();
+    let e = h
+        .conn
+        .read(0, BytesMut::zeroed(512), CmdFlags::empty())
+        .unwrap_err()
+        .error;
     assert_eq!(
         e,
         UsageError::InFlightLimit {
@@ -2634,8 +2739,9 @@ fn limits_bytes_in_flight() {
     );
     let e = h
         .conn
-        .write(0, Bytes::from_static(&[0; 512]), 0)
-        .unwrap_err();
+        .write(0, Bytes::from_static(&[0; 512]), CmdFlags::empty())
+        .unwrap_err()
+        .error;
     assert!(matches!(e, UsageError::InFlightLimit { .. }));
     h.flush();
     assert_eq!(h.sent().len(), 3);
@@ -2658,7 +2764,10 @@ fn limits_single_request_larger_than_byte_limit_allowed_when_idle() {
     let w = h.write(0, &vec![0; MIB as usize]);
     assert!(!h.conn.has_room(1));
     assert!(matches!(
-        h.conn.read(0, BytesMut::zeroed(512), 0).unwrap_err(),
+        h.conn
+            .read(0, BytesMut::zeroed(512), CmdFlags::empty())
+            .unwrap_err()
+            .error,
         UsageError::InFlightLimit { .. }
     ));
     assert_eq!(h.sent_one().payload.len(), MIB as usize);
@@ -2835,7 +2944,7 @@ fn rule_104_eshutdown_sends_disc_once_idle() {
         h.feed(&[]);
         h.nothing_sent();
         assert!(matches!(
-            h.conn.flush(0).unwrap_err(),
+            h.conn.flush(CmdFlags::empty()).unwrap_err(),
             UsageError::WrongPhase { .. }
         ));
         assert!(h.conn.disconnect().is_err());
@@ -2866,7 +2975,7 @@ fn rule_104_eshutdown_on_last_request_sends_disc_at_once() {
 #[test]
 fn rule_104_eshutdown_via_zero_copy_completion() {
     let mut h = Setup::new(Mode::Structured).connect();
-    let c = h.conn.read(0, BytesMut::zeroed(4096), 0);
+    let c = h.conn.read(0, BytesMut::zeroed(4096), CmdFlags::empty());
     let c = h.ok(c);
     h.sent();
     let e = h.error(0, c, errno::ESHUTDOWN, "");
@@ -2939,9 +3048,12 @@ fn unlimited_max_read_limit_does_not_panic() {
 #[test]
 fn commands_before_transmission_are_refused() {
     let mut conn = Connection::new(Config::default());
-    let e = conn.read(0, BytesMut::zeroed(512), 0).unwrap_err();
+    let e = conn
+        .read(0, BytesMut::zeroed(512), CmdFlags::empty())
+        .unwrap_err()
+        .error;
     assert!(matches!(e, UsageError::WrongPhase { .. }));
-    assert!(conn.flush(0).is_err());
+    assert!(conn.flush(CmdFlags::empty()).is_err());
     assert!(conn.disconnect().is_err());
     assert!(!conn.has_room(0));
     assert!(!conn.wants_write());
@@ -2952,7 +3064,7 @@ fn zero_copy_done_chunk_with_gap_is_fatal() {
     // The coverage check also runs when the last bytes arrive through
     // recv_buf/recv_commit; the read then completes once, with an error.
     let mut h = Setup::new(Mode::Structured).connect();
-    let c = h.conn.read(0, BytesMut::zeroed(8192), 0);
+    let c = h.conn.read(0, BytesMut::zeroed(8192), CmdFlags::empty());
     let c = h.ok(c);
     h.sent();
     let d = h.data(DONE, c, 4096, &[7; 4096]);
@@ -2962,4 +3074,56 @@ fn zero_copy_done_chunk_with_gap_is_fatal() {
     rb.fill(7);
     h.conn.recv_commit(4096);
     h.fatal_bad_reply("covers only 4096 of 8192");
+}
+
+/// A refused read or write hands its buffer back untouched, and nothing
+/// is sent.
+#[test]
+fn refused_read_and_write_return_their_buffers() {
+    let mut h = Setup::new(Mode::Structured).size(MIB).connect();
+    let mut buf = BytesMut::zeroed(4096);
+    buf[0] = 0xab;
+    let r = h.conn.read(MIB, buf, CmdFlags::empty()).unwrap_err();
+    assert!(matches!(r.error(), UsageError::OutOfBounds { .. }));
+    let (_, buf) = r.into_parts();
+    assert_eq!((buf.len(), buf[0]), (4096, 0xab));
+    let r = h
+        .conn
+        .read_with_chunks(0, buf, CmdFlags::from_bits(0x8000))
+        .unwrap_err();
+    assert!(matches!(
+        r.error,
+        UsageError::BadFlags { flags: 0x8000, .. }
+    ));
+    assert_eq!(r.buffer.len(), 4096);
+    let data = Bytes::from_static(b"payload!");
+    let r = h.conn.write(MIB, data.clone(), CmdFlags::FUA).unwrap_err();
+    assert_eq!(r.buffer, data);
+    let e: UsageError = r.into();
+    assert!(matches!(e, UsageError::OutOfBounds { .. }));
+    h.nothing_sent();
+    assert_eq!(h.conn.in_flight(), 0);
+}
+
+/// `Debug` shows the state, not the buffers.
+#[test]
+fn debug_of_a_connection_is_short() {
+    let conn = Connection::new(Config::default());
+    let s = format!("{conn:?}");
+    assert!(s.len() < 2000, "{} bytes: {s}", s.len());
+    let mut h = Setup::new(Mode::Extended).connect();
+    let c = h.read(0, 64 * KIB);
+    let s = format!("{:?}", h.conn);
+    assert!(s.len() < 2000, "{} bytes: {s}", s.len());
+    assert!(s.contains("Extended") && s.contains("in_flight: 1"), "{s}");
+    let r = h.conn.read(
+        u64::MAX - 10,
+        BytesMut::zeroed(MIB as usize),
+        CmdFlags::empty(),
+    );
+    let s = format!("{:?}", r.unwrap_err());
+    assert!(s.len() < 200, "{s}");
+    assert_eq!(h.conn.header_mode(), HeaderMode::Extended);
+    h.feed(&h.data(DONE, c, 0, &vec![0; 64 * KIB as usize]));
+    h.done_ok(c);
 }

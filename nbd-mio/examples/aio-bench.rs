@@ -37,6 +37,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use mio::{Events, Poll, Token};
+use nbd_mio::nbd_core::{CmdFlags, UsageError};
 use nbd_mio::{Config, Cookie, Event, NbdConnection};
 
 /// Counts every allocation (and reallocation) the process makes.
@@ -346,10 +347,16 @@ fn main() {
                 let off = next % size;
                 s.offset = off;
                 let c = if o.write {
-                    lp.nbd.conn_mut().write(off, s.wbuf.clone(), 0)
+                    lp.nbd
+                        .conn_mut()
+                        .write(off, s.wbuf.clone(), CmdFlags::empty())
+                        .map_err(UsageError::from)
                 } else {
                     let buf = s.rbuf.take().unwrap_or_default();
-                    lp.nbd.conn_mut().read(off, buf, 0)
+                    lp.nbd
+                        .conn_mut()
+                        .read(off, buf, CmdFlags::empty())
+                        .map_err(UsageError::from)
                 };
                 s.cookie = Some(c.unwrap_or_else(|e| die(e)));
                 next += rs;

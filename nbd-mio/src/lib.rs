@@ -33,6 +33,7 @@
 //! ```no_run
 //! use bytes::BytesMut;
 //! use mio::{Events, Poll, Token};
+//! use nbd_mio::nbd_core::CmdFlags;
 //! use nbd_mio::{Config, Event, NbdConnection};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -53,7 +54,7 @@
 //!             // Default configuration: the handshake ends with GO on its own.
 //!             Event::GoSucceeded(info) => {
 //!                 println!("export size: {} bytes", info.size);
-//!                 nbd.conn_mut().read(0, BytesMut::zeroed(512), 0)?;
+//!                 nbd.conn_mut().read(0, BytesMut::zeroed(512), CmdFlags::empty())?;
 //!             }
 //!             Event::CommandDone { result, buffer, .. } => {
 //!                 result?;

@@ -9,6 +9,7 @@ use std::net::{Shutdown, TcpListener};
 
 use bytes::{Bytes, BytesMut};
 use common::{pattern, Harness, Nbdkit};
+use nbd_mio::nbd_core::CmdFlags;
 use nbd_mio::{CloseReason, Config, Cookie, Error, Event, NbdConnection, OptionKind, Phase};
 
 const KIB: usize = 1024;
@@ -90,7 +91,11 @@ fn opt_mode_list_go_and_64_requests_in_flight() {
         let off = (i * LEN) as u64;
         assert!(h.nbd.conn().has_room(LEN as u64));
         let data = Bytes::from(pattern(off, LEN, 0x5a));
-        let c = h.nbd.conn_mut().write(off, data, 0).expect("write");
+        let c = h
+            .nbd
+            .conn_mut()
+            .write(off, data, CmdFlags::empty())
+            .expect("write");
         offsets.insert(c, off);
     }
     assert_eq!(h.nbd.conn().in_flight(), N);
@@ -99,7 +104,7 @@ fn opt_mode_list_go_and_64_requests_in_flight() {
     assert_eq!(h.nbd.conn().in_flight(), 0);
 
     // A flush, and 64 reads in flight, checked against what was written.
-    let f = h.nbd.conn_mut().flush(0).expect("flush");
+    let f = h.nbd.conn_mut().flush(CmdFlags::empty()).expect("flush");
     assert!(complete_all(&mut h, 1).contains_key(&f));
     let mut offsets = HashMap::new();
     for i in 0..N {
@@ -107,7 +112,7 @@ fn opt_mode_list_go_and_64_requests_in_flight() {
         let c = h
             .nbd
             .conn_mut()
-            .read(off, BytesMut::zeroed(LEN), 0)
+            .read(off, BytesMut::zeroed(LEN), CmdFlags::empty())
             .expect("read");
         offsets.insert(c, off);
     }
@@ -124,11 +129,15 @@ fn opt_mode_list_go_and_64_requests_in_flight() {
     // Other commands of the transmission phase complete as events too.
     let c = &mut h.nbd;
     let cmds = [
-        c.conn_mut().trim(0, 64 * KIB as u64, 0).expect("trim"),
         c.conn_mut()
-            .write_zeroes(64 * KIB as u64, 64 * KIB as u64, 0)
+            .trim(0, 64 * KIB as u64, CmdFlags::empty())
+            .expect("trim"),
+        c.conn_mut()
+            .write_zeroes(64 * KIB as u64, 64 * KIB as u64, CmdFlags::empty())
             .expect("write_zeroes"),
-        c.conn_mut().cache(0, MIB as u64, 0).expect("cache"),
+        c.conn_mut()
+            .cache(0, MIB as u64, CmdFlags::empty())
+            .expect("cache"),
     ];
     let done = complete_all(&mut h, cmds.len());
     assert!(cmds.iter().all(|c| done.contains_key(c)));
@@ -157,7 +166,7 @@ fn the_socket_is_registered_only_while_the_connection_waits() {
     let cookie = h
         .nbd
         .conn_mut()
-        .read(0, BytesMut::zeroed(4 * KIB), 0)
+        .read(0, BytesMut::zeroed(4 * KIB), CmdFlags::empty())
         .expect("read");
     h.nbd.flush();
     assert!(!h.nbd.conn().wants_write(), "the request went out");
@@ -206,7 +215,12 @@ fn large_writes_with_small_socket_buffers_complete() {
     for i in 0..4 {
         let off = (i * LEN) as u64;
         let data = Bytes::from(pattern(off, LEN, i as u8));
-        cookies.push(h.nbd.conn_mut().write(off, data, 0).expect("write"));
+        cookies.push(
+            h.nbd
+                .conn_mut()
+                .write(off, data, CmdFlags::empty())
+                .expect("write"),
+        );
     }
     // One flush sends part of the first payload and stops at a full socket.
     h.nbd.flush();
@@ -227,7 +241,7 @@ fn large_writes_with_small_socket_buffers_complete() {
         let c = h
             .nbd
             .conn_mut()
-            .read(off, BytesMut::zeroed(LEN), 0)
+            .read(off, BytesMut::zeroed(LEN), CmdFlags::empty())
             .expect("read");
         reads.insert(c, (off, i as u8));
     }
@@ -287,13 +301,13 @@ fn tcp_uri_round_trip() {
     let w = h
         .nbd
         .conn_mut()
-        .write(4096, data.clone(), 0)
+        .write(4096, data.clone(), CmdFlags::empty())
         .expect("write");
     assert!(complete_all(&mut h, 1).contains_key(&w));
     let r = h
         .nbd
         .conn_mut()
-        .read(4096, BytesMut::zeroed(MIB), 0)
+        .read(4096, BytesMut::zeroed(MIB), CmdFlags::empty())
         .expect("read");
     let mut done = complete_all(&mut h, 1);
     let buf = done.remove(&r).flatten().expect("buffer");

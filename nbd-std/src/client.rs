@@ -11,8 +11,8 @@ use std::path::Path;
 use bytes::{Bytes, BytesMut};
 use nbd_core::uri::{NbdUri, Transport};
 use nbd_core::{
-    BlockSize, CloseReason, CommandError, Config, Connection, Cookie, Event, ExportInfo, Extent,
-    OptionKind, Phase, Protocol, ReadChunkKind, UsageError,
+    BlockSize, CloseReason, CmdFlags, CommandError, Config, Connection, Cookie, Event, ExportInfo,
+    Extent, OptionKind, Phase, Protocol, ReadChunkKind, UsageError,
 };
 use rustix::event::{poll, PollFd, PollFlags};
 
@@ -702,7 +702,10 @@ impl Client {
     /// ([details](Client#after-the-connection-ended)).
     pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(buf.len() as u64)?;
-        Ok(self.conn.read(offset, buf, flags)?)
+        Ok(self
+            .conn
+            .read(offset, buf, CmdFlags::from_bits(flags))
+            .map_err(UsageError::from)?)
     }
 
     /// Queues a read that also reports every structured chunk.
@@ -717,7 +720,10 @@ impl Client {
         flags: u16,
     ) -> Result<Cookie> {
         self.wait_room(buf.len() as u64)?;
-        Ok(self.conn.read_with_chunks(offset, buf, flags)?)
+        Ok(self
+            .conn
+            .read_with_chunks(offset, buf, CmdFlags::from_bits(flags))
+            .map_err(UsageError::from)?)
     }
 
     /// Queues a write of `data` at `offset` (sent without copying `data`).
@@ -727,7 +733,10 @@ impl Client {
     /// ([details](Client#after-the-connection-ended)).
     pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(data.len() as u64)?;
-        Ok(self.conn.write(offset, data, flags)?)
+        Ok(self
+            .conn
+            .write(offset, data, CmdFlags::from_bits(flags))
+            .map_err(UsageError::from)?)
     }
 
     /// Queues a flush.
@@ -737,7 +746,7 @@ impl Client {
     /// ([details](Client#after-the-connection-ended)).
     pub fn aio_flush(&mut self, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
-        Ok(self.conn.flush(flags)?)
+        Ok(self.conn.flush(CmdFlags::from_bits(flags))?)
     }
 
     /// Queues a trim.
@@ -747,7 +756,7 @@ impl Client {
     /// ([details](Client#after-the-connection-ended)).
     pub fn aio_trim(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
-        Ok(self.conn.trim(offset, count, flags)?)
+        Ok(self.conn.trim(offset, count, CmdFlags::from_bits(flags))?)
     }
 
     /// Queues a cache (prefetch) hint.
@@ -757,7 +766,7 @@ impl Client {
     /// ([details](Client#after-the-connection-ended)).
     pub fn aio_cache(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
-        Ok(self.conn.cache(offset, count, flags)?)
+        Ok(self.conn.cache(offset, count, CmdFlags::from_bits(flags))?)
     }
 
     /// Queues a write-zeroes.
@@ -767,7 +776,9 @@ impl Client {
     /// ([details](Client#after-the-connection-ended)).
     pub fn aio_zero(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
-        Ok(self.conn.write_zeroes(offset, count, flags)?)
+        Ok(self
+            .conn
+            .write_zeroes(offset, count, CmdFlags::from_bits(flags))?)
     }
 
     /// Queues a block-status query.
@@ -777,7 +788,9 @@ impl Client {
     /// ([details](Client#after-the-connection-ended)).
     pub fn aio_block_status(&mut self, count: u64, offset: u64, flags: u16) -> Result<Cookie> {
         self.wait_room(0)?;
-        Ok(self.conn.block_status(offset, count, flags)?)
+        Ok(self
+            .conn
+            .block_status(offset, count, CmdFlags::from_bits(flags))?)
     }
 
     /// Requests in flight.

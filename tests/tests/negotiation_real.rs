@@ -732,7 +732,11 @@ fn mio_adapter_list_go_read_nbdkit_eval() {
 
     let cookie = n
         .conn_mut()
-        .read(0, bytes::BytesMut::from(&[0xffu8; 7][..]), 0)
+        .read(
+            0,
+            bytes::BytesMut::from(&[0xffu8; 7][..]),
+            nbd_core::CmdFlags::empty(),
+        )
         .unwrap();
     let evs = mio_until(&mut n, |_, e| {
         e.iter()
@@ -770,7 +774,11 @@ fn mio_adapter_default_connect_qemu_extended_headers() {
     assert!(n.conn().extended_headers_negotiated());
     let cookie = n
         .conn_mut()
-        .read(2000, bytes::BytesMut::zeroed(48), 0)
+        .read(
+            2000,
+            bytes::BytesMut::zeroed(48),
+            nbd_core::CmdFlags::empty(),
+        )
         .unwrap();
     let evs = mio_until(&mut n, |_, e| {
         e.iter()
