@@ -364,10 +364,11 @@ impl Transmission {
             Some(e) => Err(e),
             None => {
                 if cmd_ == cmd::READ && covered != length {
-                    return Err(self.bad(
-                        slot,
-                        format!("reply is complete but covers only {covered} of {length} bytes"),
-                    ));
+                    return Err(ProtocolError::ReadIncomplete {
+                        cookie: self.cookie(slot).0,
+                        covered,
+                        length,
+                    });
                 }
                 Ok(())
             }
@@ -388,15 +389,6 @@ impl Transmission {
         Ok(())
     }
 
-    fn bad(&self, slot: u32, what: String) -> ProtocolError {
-        let r = &self.slots[slot as usize].req;
-        ProtocolError::BadReply {
-            command: command_name(r.cmd),
-            cookie: self.cookie(slot).0,
-            what,
-        }
-    }
-
     fn set_error(&mut self, slot: u32, e: CommandError) {
         let r = self.req(slot);
         if r.error.is_none() {
@@ -411,17 +403,20 @@ impl Transmission {
         let end = off.checked_add(len);
         let req_end = r.offset.saturating_add(r.length);
         if off < r.offset || end.is_none_or(|e| e > req_end) {
-            return Err(self.bad(
-                slot,
-                format!(
-                    "chunk at offset {off} length {len} lies outside the request ({}+{})",
-                    r.offset, r.length
-                ),
-            ));
+            return Err(ProtocolError::ChunkOutOfRange {
+                cookie: self.cookie(slot).0,
+                offset: off,
+                length: len,
+                request_offset: r.offset,
+                request_length: r.length,
+            });
         }
         if r.flags & cf::DF != 0 && r.content_chunks >= 1 {
-            return Err(self.bad(slot, "more than one content chunk with DF".into()));
+            return Err(ProtocolError::FragmentedDfRead {
+                cookie: self.cookie(slot).0,
+            });
         }
+        let cookie = self.cookie(slot).0;
         let end = off + len;
         let r = self.req(slot);
         // While chunks arrive in order, `covered` alone describes them (one
@@ -433,10 +428,11 @@ impl Transmission {
             }
             let overlaps = r.ranges.iter().any(|&(a, b)| off < b && a < end);
             if overlaps {
-                return Err(self.bad(
-                    slot,
-                    format!("chunk at offset {off} overlaps an earlier chunk"),
-                ));
+                return Err(ProtocolError::ChunkOverlap {
+                    cookie,
+                    offset: off,
+                    length: len,
+                });
             }
             r.ranges.push((off, end));
         }
@@ -1042,21 +1038,21 @@ impl Connection {
                 }
                 self.rx.consume(hlen);
                 if !x.contexts.contains(&context) {
-                    return Err(x.bad(
-                        slot,
-                        format!("block status for unknown context id {context}"),
-                    ));
+                    let cookie = x.cookie(slot).0;
+                    return Err(ProtocolError::UnknownContextId { cookie, context });
                 }
+                let cookie = x.cookie(slot).0;
                 let r = x.req(slot);
                 if r.contexts_seen.contains(&context) {
-                    return Err(x.bad(
-                        slot,
-                        format!("two block status chunks for context {context}"),
-                    ));
+                    return Err(ProtocolError::DuplicateContext { cookie, context });
                 }
                 r.contexts_seen.push(context);
                 if body / desc > x.limits.max_extents as u64 {
-                    return Err(x.bad(slot, format!("{} extents exceed the limit", body / desc)));
+                    return Err(ProtocolError::TooManyExtents {
+                        cookie,
+                        count: body / desc,
+                        limit: x.limits.max_extents as u64,
+                    });
                 }
                 x.extents.clear();
                 x.rx = Rx::StatusBody {
@@ -1095,7 +1091,8 @@ impl Connection {
                         )
                     };
                     if length == 0 {
-                        return Err(x.bad(slot, "zero-length extent".into()));
+                        let cookie = x.cookie(slot).0;
+                        return Err(ProtocolError::ZeroLengthExtent { cookie });
                     }
                     x.extents.push(Extent { length, flags: fl });
                     consumed += desc;
@@ -1131,26 +1128,28 @@ impl Connection {
         let x = &mut self.xmit;
         let r = &x.slots[slot as usize].req;
         let n = x.extents.len();
-        if n == 0 {
-            return Err(x.bad(slot, "block status chunk without extents".into()));
-        }
-        if r.flags & cf::REQ_ONE != 0 && (n != 1 || x.extents[0].length > r.length) {
-            return Err(x.bad(
-                slot,
-                "REQ_ONE answered with more than one extent, or a longer one".into(),
-            ));
+        let cookie = x.cookie(slot).0;
+        let Some(first) = x.extents.first() else {
+            return Err(ProtocolError::NoExtents { cookie });
+        };
+        if r.flags & cf::REQ_ONE != 0 && (n != 1 || first.length > r.length) {
+            return Err(ProtocolError::ReqOneViolated {
+                cookie,
+                count: n,
+                first_length: first.length,
+                request_length: r.length,
+            });
         }
         let head: u64 = x.extents[..n - 1]
             .iter()
             .fold(0u64, |a, e| a.saturating_add(e.length));
         if n > 1 && head >= r.length {
-            return Err(x.bad(
-                slot,
-                format!(
-                    "extents run past the request: first {} extents sum to {head}",
-                    n - 1
-                ),
-            ));
+            return Err(ProtocolError::ExtentsPastRequest {
+                cookie,
+                count: n - 1,
+                sum: head,
+                request_length: r.length,
+            });
         }
         let cookie = x.cookie(slot);
         let extents = std::mem::take(&mut x.extents);
@@ -1172,10 +1171,7 @@ impl Connection {
                 let slot = x.lookup(cookie)?;
                 let r = &x.slots[slot as usize].req;
                 if r.cmd == cmd::READ && x.mode != HeaderMode::Simple && error == 0 {
-                    return Err(x.bad(
-                        slot,
-                        "simple reply with data to a read in structured mode".into(),
-                    ));
+                    return Err(ProtocolError::SimpleReplyToStructuredRead { cookie });
                 }
                 if error != 0 {
                     let e = CommandError::Server {
@@ -1223,17 +1219,24 @@ impl Connection {
                 let r = &x.slots[slot as usize].req;
                 if let Some(o) = offset {
                     if o != r.offset {
-                        return Err(x.bad(
-                            slot,
-                            format!(
-                                "extended reply offset {o} differs from the request's {}",
-                                r.offset
-                            ),
-                        ));
+                        return Err(ProtocolError::ReplyOffsetMismatch {
+                            cookie,
+                            expected: r.offset,
+                            got: o,
+                        });
                     }
                 }
-                if length > x.dos_limit.saturating_add(64) {
-                    return Err(x.bad(slot, format!("chunk length {length} is unreasonably large")));
+                let too_long = |limit: u64| ProtocolError::ChunkTooLong {
+                    cookie,
+                    chunk_type: typ,
+                    length,
+                    limit,
+                };
+                // Spec §3.11: whatever the type, a length no legal chunk can
+                // have fails on the header, before any payload is awaited.
+                let limit = x.dos_limit.saturating_add(64);
+                if length > limit {
+                    return Err(too_long(limit));
                 }
                 let done = flags & reply_flags::DONE != 0;
                 let is_read = r.cmd == cmd::READ;
@@ -1241,16 +1244,22 @@ impl Connection {
                 match typ {
                     chunk::NONE => {
                         if length != 0 || !done {
-                            return Err(x.bad(
-                                slot,
-                                "NBD_REPLY_TYPE_NONE with a payload or without DONE".into(),
-                            ));
+                            return Err(ProtocolError::BadNoneChunk {
+                                cookie,
+                                length,
+                                done,
+                            });
                         }
                         // `finish` checks that a successful read is covered.
                         x.finish(slot, &mut self.events)
                     }
                     chunk::OFFSET_DATA if is_read => {
                         wrep::check_offset_data_len(length)?;
+                        // 8 bytes of offset, then at most the whole request.
+                        let limit = r.length.saturating_add(8);
+                        if length > limit {
+                            return Err(too_long(limit));
+                        }
                         x.rx = Rx::DataPrefix {
                             slot,
                             length,
@@ -1278,13 +1287,11 @@ impl Connection {
                         let ext = x.mode == HeaderMode::Extended;
                         let wide = typ == chunk::BLOCK_STATUS_EXT;
                         if ext != wide {
-                            return Err(x.bad(
-                                slot,
-                                format!(
-                                    "chunk type {typ} is not allowed in {} mode",
-                                    x.mode.name()
-                                ),
-                            ));
+                            return Err(ProtocolError::ChunkTypeWrongMode {
+                                cookie,
+                                chunk_type: typ,
+                                mode: x.mode,
+                            });
                         }
                         let (hdr, desc) = if wide { (8, 16) } else { (4, 8) };
                         if length < hdr + desc || (length - hdr) % desc != 0 {
@@ -1293,6 +1300,12 @@ impl Connection {
                                 len: length,
                             }
                             .into());
+                        }
+                        // As many extents as the limit allows, each
+                        // described on the wire in `desc` bytes.
+                        let limit = hdr + desc * x.limits.max_extents as u64;
+                        if length > limit {
+                            return Err(too_long(limit));
                         }
                         x.rx = Rx::StatusHeader {
                             slot,
@@ -1319,7 +1332,11 @@ impl Connection {
                         Ok(())
                     }
                     // Rule 96: unknown or unexpected non-error chunk type.
-                    t => Err(x.bad(slot, format!("unexpected chunk type {t}"))),
+                    t => Err(ProtocolError::UnexpectedChunkType {
+                        command: command_name(r.cmd),
+                        cookie,
+                        chunk_type: t,
+                    }),
                 }
             }
         }
@@ -1359,7 +1376,8 @@ impl Connection {
             let r = &x.slots[slot as usize].req;
             if let Some(o) = e.offset {
                 if o < r.offset || o >= r.offset.saturating_add(r.length.max(1)) {
-                    return Err(x.bad(slot, format!("error offset {o} lies outside the request")));
+                    let cookie = x.cookie(slot).0;
+                    return Err(ProtocolError::ErrorOffsetOutOfRange { cookie, offset: o });
                 }
             }
             let message =

@@ -250,6 +250,15 @@ fn options_sent(mut b: &[u8]) -> Vec<u32> {
 // The harness
 // ---------------------------------------------------------------------------
 
+/// The connection ended for a protocol violation matching the pattern
+/// (see [`Harness::fatal`]).
+macro_rules! assert_fatal {
+    ($h:expr, $p:pat) => {{
+        let e = $h.fatal();
+        assert!(matches!(e, $p), "expected {}, got {e:?}", stringify!($p));
+    }};
+}
+
 /// A request as the client put it on the wire.
 #[derive(Debug, Clone)]
 struct Sent {
@@ -401,16 +410,6 @@ impl Harness {
             Some(&CloseReason::Protocol(reason.clone()))
         );
         reason
-    }
-
-    /// Like [`Harness::fatal`], for a `BadReply` whose message contains `what`.
-    fn fatal_bad_reply(&mut self, what: &str) {
-        match self.fatal() {
-            ProtocolError::BadReply { what: w, .. } => {
-                assert!(w.contains(what), "BadReply {w:?} should mention {what:?}")
-            }
-            other => panic!("expected BadReply({what}), got {other:?}"),
-        }
     }
 
     // ----- input -----
@@ -1150,7 +1149,7 @@ fn rule_105_chunk_outside_request_is_fatal() {
             _ => h.hole(0, c, 8191, 2),
         };
         h.feed(&r);
-        h.fatal_bad_reply("outside the request");
+        assert_fatal!(h, ProtocolError::ChunkOutOfRange { .. });
     }
 }
 
@@ -1161,7 +1160,7 @@ fn rule_105_overlapping_chunks_are_fatal() {
     h.sent();
     let stream = cat(&[&h.data(0, c, 0, &[1; 2048]), &h.hole(0, c, 2047, 100)]);
     h.feed(&stream);
-    h.fatal_bad_reply("overlaps");
+    assert_fatal!(h, ProtocolError::ChunkOverlap { length: 100, .. });
 }
 
 #[test]
@@ -1174,7 +1173,14 @@ fn s3_9_done_with_gap_is_fatal() {
         &h.data(DONE, c, 2048, &[2; 2048]),
     ]);
     h.feed(&stream);
-    h.fatal_bad_reply("covers only 3072 of 4096");
+    assert_fatal!(
+        h,
+        ProtocolError::ReadIncomplete {
+            covered: 3072,
+            length: 4096,
+            ..
+        }
+    );
 }
 
 #[test]
@@ -1184,7 +1190,7 @@ fn s3_9_none_with_gap_is_fatal() {
     h.sent();
     let stream = cat(&[&h.hole(0, c, 0, 1024), &h.none(c)]);
     h.feed(&stream);
-    h.fatal_bad_reply("covers only");
+    assert_fatal!(h, ProtocolError::ReadIncomplete { .. });
 }
 
 #[test]
@@ -1194,7 +1200,14 @@ fn s3_8_none_with_payload_is_fatal() {
     h.sent();
     let r = h.chunk(DONE, chunk::NONE, c, &[0; 4]);
     h.feed(&r);
-    h.fatal_bad_reply("NBD_REPLY_TYPE_NONE");
+    assert_fatal!(
+        h,
+        ProtocolError::BadNoneChunk {
+            length: 4,
+            done: true,
+            ..
+        }
+    );
 }
 
 #[test]
@@ -1204,7 +1217,14 @@ fn s3_8_none_without_done_is_fatal() {
     h.sent();
     let r = h.chunk(0, chunk::NONE, c, &[]);
     h.feed(&r);
-    h.fatal_bad_reply("NBD_REPLY_TYPE_NONE");
+    assert_fatal!(
+        h,
+        ProtocolError::BadNoneChunk {
+            length: 0,
+            done: false,
+            ..
+        }
+    );
 }
 
 #[test]
@@ -1317,7 +1337,7 @@ fn s3_8_error_offset_outside_request_is_fatal() {
         let p = error_offset_payload(errno::EIO, "", off);
         let r = h.chunk(DONE, chunk::ERROR_OFFSET, c, &p);
         h.feed(&r);
-        h.fatal_bad_reply("outside the request");
+        assert_fatal!(h, ProtocolError::ErrorOffsetOutOfRange { .. });
     }
 }
 
@@ -1390,7 +1410,7 @@ fn rule_96_unknown_non_error_chunk_is_fatal() {
     h.sent();
     let r = h.chunk(DONE, 0x0042, c, &[0; 8]);
     h.feed(&r);
-    h.fatal_bad_reply("unexpected chunk type 66");
+    assert_fatal!(h, ProtocolError::UnexpectedChunkType { chunk_type: 66, .. });
 }
 
 #[test]
@@ -1406,7 +1426,13 @@ fn rule_96_content_chunk_to_non_read_is_fatal() {
         };
         let r = h.chunk(DONE, typ, w, &p);
         h.feed(&r);
-        h.fatal_bad_reply("unexpected chunk type");
+        assert_fatal!(
+            h,
+            ProtocolError::UnexpectedChunkType {
+                command: "NBD_CMD_WRITE",
+                ..
+            }
+        );
     }
 }
 
@@ -1417,7 +1443,14 @@ fn rule_96_block_status_chunk_to_read_is_fatal() {
     h.sent();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(512, 0)]));
     h.feed(&r);
-    h.fatal_bad_reply("unexpected chunk type 5");
+    assert_fatal!(
+        h,
+        ProtocolError::UnexpectedChunkType {
+            chunk_type: 5,
+            command: "NBD_CMD_READ",
+            ..
+        }
+    );
 }
 
 #[test]
@@ -1427,7 +1460,7 @@ fn s3_1_simple_reply_to_read_in_structured_mode_is_fatal() {
     h.sent();
     let r = h.simple(0, c);
     h.feed(&cat(&[&r, &[0; 512]]));
-    h.fatal_bad_reply("simple reply");
+    assert_fatal!(h, ProtocolError::SimpleReplyToStructuredRead { .. });
 }
 
 #[test]
@@ -1539,7 +1572,7 @@ fn s3_6_df_read_with_two_content_chunks_is_fatal() {
     assert_eq!(s.header.flags, cf::DF);
     let stream = cat(&[&h.data(0, c, 0, &[1; 512]), &h.hole(DONE, c, 512, 512)]);
     h.feed(&stream);
-    h.fatal_bad_reply("DF");
+    assert_fatal!(h, ProtocolError::FragmentedDfRead { .. });
 }
 
 #[test]
@@ -1585,7 +1618,7 @@ fn s3_11_unreasonably_large_chunk_is_fatal() {
         &mut b,
     );
     h.feed(&b);
-    h.fatal_bad_reply("unreasonably large");
+    assert_fatal!(h, ProtocolError::ChunkTooLong { .. });
 }
 
 // ===========================================================================
@@ -1660,7 +1693,14 @@ fn s3_3_extended_reply_offset_mismatch_is_fatal() {
         &offset_data(8192, &[0; 1024]),
     );
     h.feed(&r);
-    h.fatal_bad_reply("offset 8193 differs");
+    assert_fatal!(
+        h,
+        ProtocolError::ReplyOffsetMismatch {
+            expected: 8192,
+            got: 8193,
+            ..
+        }
+    );
 }
 
 #[test]
@@ -1796,7 +1836,14 @@ fn s3_8_block_status_type5_in_extended_mode_is_fatal() {
     h.sent();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(4096, 0)]));
     h.feed(&r);
-    h.fatal_bad_reply("not allowed in extended mode");
+    assert_fatal!(
+        h,
+        ProtocolError::ChunkTypeWrongMode {
+            chunk_type: chunk::BLOCK_STATUS,
+            mode: HeaderMode::Extended,
+            ..
+        }
+    );
 }
 
 #[test]
@@ -1811,7 +1858,14 @@ fn s3_8_block_status_ext_in_structured_mode_is_fatal() {
         &status_ext(1, &[(4096, 0)]),
     );
     h.feed(&r);
-    h.fatal_bad_reply("not allowed in structured mode");
+    assert_fatal!(
+        h,
+        ProtocolError::ChunkTypeWrongMode {
+            chunk_type: chunk::BLOCK_STATUS_EXT,
+            mode: HeaderMode::Structured,
+            ..
+        }
+    );
 }
 
 // ===========================================================================
@@ -1935,7 +1989,7 @@ fn s3_10_unknown_context_id_is_fatal() {
     h.sent();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(2, &[(4096, 0)]));
     h.feed(&r);
-    h.fatal_bad_reply("unknown context id 2");
+    assert_fatal!(h, ProtocolError::UnknownContextId { context: 2, .. });
 }
 
 #[test]
@@ -1948,7 +2002,7 @@ fn s3_10_duplicate_context_is_fatal() {
         &h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(4096, 0)])),
     ]);
     h.feed(&stream);
-    h.fatal_bad_reply("two block status chunks for context 1");
+    assert_fatal!(h, ProtocolError::DuplicateContext { context: 1, .. });
 }
 
 #[test]
@@ -1963,7 +2017,7 @@ fn s3_10_req_one_with_two_extents_is_fatal() {
         &status(1, &[(4096, 0), (4096, 1)]),
     );
     h.feed(&r);
-    h.fatal_bad_reply("REQ_ONE");
+    assert_fatal!(h, ProtocolError::ReqOneViolated { count: 2, .. });
 }
 
 #[test]
@@ -1973,7 +2027,14 @@ fn s3_10_req_one_extent_longer_than_request_is_fatal() {
     h.sent();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(8193, 0)]));
     h.feed(&r);
-    h.fatal_bad_reply("REQ_ONE");
+    assert_fatal!(
+        h,
+        ProtocolError::ReqOneViolated {
+            count: 1,
+            first_length: 8193,
+            ..
+        }
+    );
 }
 
 #[test]
@@ -1998,7 +2059,7 @@ fn s3_10_zero_length_extent_is_fatal() {
         &status(1, &[(4096, 0), (0, 1)]),
     );
     h.feed(&r);
-    h.fatal_bad_reply("zero-length extent");
+    assert_fatal!(h, ProtocolError::ZeroLengthExtent { .. });
 }
 
 #[test]
@@ -2013,7 +2074,7 @@ fn s3_10_first_extents_reaching_request_length_is_fatal() {
         h.sent();
         let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &ext));
         h.feed(&r);
-        h.fatal_bad_reply("extents run past the request");
+        assert_fatal!(h, ProtocolError::ExtentsPastRequest { .. });
     }
 }
 
@@ -2067,7 +2128,7 @@ fn s3_10_too_many_extents_is_fatal() {
     let ext: Vec<_> = (0..5).map(|_| (512u32, 0u32)).collect();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &ext));
     h.feed(&r);
-    h.fatal_bad_reply("exceed the limit");
+    assert_fatal!(h, ProtocolError::ChunkTooLong { .. });
 }
 
 // ===========================================================================
@@ -3003,14 +3064,21 @@ fn strict_off_request_range_past_u64_max_does_not_panic() {
     let r = h.data(DONE, c, off, &[0; 512]);
     h.feed(&r);
     // The chunk fits what the u64 range can describe; the read is short.
-    h.fatal_bad_reply("covers only 512 of 4096");
+    assert_fatal!(
+        h,
+        ProtocolError::ReadIncomplete {
+            covered: 512,
+            length: 4096,
+            ..
+        }
+    );
     // A chunk that wraps around is outside the request.
     let mut h = Setup::new(Mode::Structured).strict(Strict::NONE).connect();
     let c = h.read(off, 4096);
     h.sent_one();
     let r = h.data(0, c, off + 512, &[0; 1024]);
     h.feed(&r);
-    h.fatal_bad_reply("outside the request");
+    assert_fatal!(h, ProtocolError::ChunkOutOfRange { .. });
 }
 
 #[test]
@@ -3073,7 +3141,14 @@ fn zero_copy_done_chunk_with_gap_is_fatal() {
     assert_eq!(rb.len(), 4096);
     rb.fill(7);
     h.conn.recv_commit(4096);
-    h.fatal_bad_reply("covers only 4096 of 8192");
+    assert_fatal!(
+        h,
+        ProtocolError::ReadIncomplete {
+            covered: 4096,
+            length: 8192,
+            ..
+        }
+    );
 }
 
 /// A refused read or write hands its buffer back untouched, and nothing
@@ -3126,4 +3201,59 @@ fn debug_of_a_connection_is_short() {
     assert_eq!(h.conn.header_mode(), HeaderMode::Extended);
     h.feed(&h.data(DONE, c, 0, &vec![0; 64 * KIB as usize]));
     h.done_ok(c);
+}
+
+/// Spec §3.11 ("Structured reply chunk message"): a chunk header whose
+/// length no legal chunk can have for its request fails on the header
+/// alone; the client never waits for a payload that cannot be right.
+#[test]
+fn s3_11_impossible_chunk_length_fails_on_the_header() {
+    for mode in [Mode::Structured, Mode::Extended] {
+        // OFFSET_DATA longer than the read (plus its 8-byte offset).
+        let mut h = Setup::new(mode).connect();
+        let c = h.read(0, 4096);
+        h.sent();
+        let mut b = BytesMut::new();
+        encode_chunk_header(h.mode, DONE, chunk::OFFSET_DATA, c.0, 0, 4096 + 9, &mut b);
+        h.feed(&b);
+        assert_fatal!(
+            h,
+            ProtocolError::ChunkTooLong {
+                length: 4105,
+                limit: 4104,
+                ..
+            }
+        );
+        // Any type, a length far past every limit (0xfffffff0).
+        let mut h = Setup::new(mode).connect();
+        let c = h.flush();
+        h.sent();
+        let mut b = BytesMut::new();
+        encode_chunk_header(h.mode, DONE, chunk::ERROR, c.0, 0, 0xffff_fff0, &mut b);
+        h.feed(&b);
+        assert_fatal!(
+            h,
+            ProtocolError::ChunkTooLong {
+                length: 0xffff_fff0,
+                ..
+            }
+        );
+        // Block status announcing more extents than the limit.
+        let limits = Limits {
+            max_extents: 4,
+            ..Limits::default()
+        };
+        let mut h = Setup::new(mode).base_allocation(1).limits(limits).connect();
+        let c = h.block_status(0, 4096, CmdFlags::empty());
+        h.sent();
+        let (typ, len) = if mode == Mode::Extended {
+            (chunk::BLOCK_STATUS_EXT, 8 + 16 * 5)
+        } else {
+            (chunk::BLOCK_STATUS, 4 + 8 * 5)
+        };
+        let mut b = BytesMut::new();
+        encode_chunk_header(h.mode, DONE, typ, c.0, 0, len, &mut b);
+        h.feed(&b);
+        assert_fatal!(h, ProtocolError::ChunkTooLong { .. });
+    }
 }
