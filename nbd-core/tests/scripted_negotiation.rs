@@ -1280,3 +1280,54 @@ fn allocation_tracker_sees_large_allocations() {
     });
     assert!(big >= 1 << 20, "{big}");
 }
+
+/// Spec "Option reply" (`doc/proto.md`, option haggling): a reply header
+/// whose length no legal reply of its type can have (here 0xfffffff0, past
+/// every cap) fails on the 20-byte header alone, for INFO/GO and the meta
+/// context options; the client never waits for a payload that cannot be
+/// right while the server goes quiet.
+#[test]
+fn rule_2_8_impossible_reply_length_fails_on_the_header_alone() {
+    type Start = fn(&mut Connection) -> Result<(), UsageError>;
+    let cases: [(u32, u32, Start); 5] = [
+        (opt::GO, rep::INFO, |c| c.opt_go()),
+        (opt::INFO, rep::INFO, |c| c.opt_info()),
+        (opt::SET_META_CONTEXT, rep::META_CONTEXT, |c| {
+            c.opt_set_meta_context(&["base:allocation"])
+        }),
+        (opt::LIST_META_CONTEXT, rep::META_CONTEXT, |c| {
+            c.opt_list_meta_context::<&str>(&[])
+        }),
+        (opt::GO, rep::ERR_UNKNOWN, |c| c.opt_go()),
+    ];
+    for (option, typ, start) in cases {
+        let mut t = Client::opt_mode();
+        t.feed(&prelude());
+        start(&mut t.c).unwrap();
+        t.drain();
+        t.feed(&reply_header(option, typ, 0xFFFF_FFF0));
+        assert!(
+            matches!(
+                t.protocol_error(),
+                ProtocolError::OptionReplyTooLong {
+                    len: 0xFFFF_FFF0,
+                    ..
+                }
+            ),
+            "option {option} type {typ:#x}: {:?}",
+            t.events
+        );
+        assert_eq!(t.c.phase(), Phase::Dead);
+    }
+    // Automatic mode: GO answered with such an INFO header.
+    let mut t = Client::new(Config::default());
+    t.feed(&prelude());
+    t.feed(&reply_header(opt::GO, rep::INFO, 0xFFFF_FFF0));
+    assert!(matches!(
+        t.protocol_error(),
+        ProtocolError::OptionReplyTooLong {
+            option: OptionKind::Go,
+            ..
+        }
+    ));
+}
