@@ -373,23 +373,23 @@ impl Transmission {
                 Ok(())
             }
         };
-        if result.as_ref().err().is_some_and(|e| {
-            matches!(
-                e,
-                CommandError::Server {
-                    errno: NbdErrno(errno::ESHUTDOWN),
-                    ..
-                }
-            )
-        }) {
-            // Rule 104: the server is shutting down; soft-disconnect.
-            self.disc_wanted = true;
-        }
         self.complete(slot, result, events);
         Ok(())
     }
 
+    /// Records an error the server reported for a request (the first one
+    /// is what the request completes with).
     fn set_error(&mut self, slot: u32, e: CommandError) {
+        if let CommandError::Server {
+            errno: NbdErrno(errno::ESHUTDOWN),
+            ..
+        } = e
+        {
+            // Spec "Terminating the transmission phase" (rule 104): the
+            // server is shutting down, so soft-disconnect once the requests
+            // in flight complete, even if this error does not win.
+            self.disc_wanted = true;
+        }
         let r = self.req(slot);
         if r.error.is_none() {
             r.error = Some(e);

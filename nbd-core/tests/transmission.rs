@@ -3257,3 +3257,56 @@ fn s3_11_impossible_chunk_length_fails_on_the_header() {
         assert_fatal!(h, ProtocolError::ChunkTooLong { .. });
     }
 }
+
+/// Spec "Terminating the transmission phase": a server that answers with
+/// `NBD_ESHUTDOWN` is shutting down, and the client must soft-disconnect,
+/// sending `NBD_CMD_DISC` once its requests completed. Every reply that can
+/// carry an error to a read: a simple reply (every mode where it is
+/// allowed), an error chunk, an offset error chunk, an extended chunk, and
+/// ESHUTDOWN after another error was already recorded.
+#[test]
+fn rule_104_eshutdown_on_a_read_sends_disc() {
+    type Reply = fn(&Harness, Cookie) -> Vec<u8>;
+    let simple: Reply = |h, c| h.simple(errno::ESHUTDOWN, c);
+    let chunk: Reply = |h, c| h.error(DONE, c, errno::ESHUTDOWN, "bye");
+    let offset: Reply = |h, c| {
+        let p = error_offset_payload(errno::ESHUTDOWN, "bye", 0);
+        h.chunk(DONE, chunk::ERROR_OFFSET, c, &p)
+    };
+    let after_eio: Reply = |h, c| {
+        cat(&[
+            &h.error(0, c, errno::EIO, "first"),
+            &h.error(DONE, c, errno::ESHUTDOWN, "then"),
+        ])
+    };
+    let cases: [(Mode, Reply, &str); 8] = [
+        (Mode::Simple, simple, "simple reply, simple mode"),
+        (Mode::Structured, simple, "simple reply, structured mode"),
+        (Mode::Structured, chunk, "error chunk"),
+        (Mode::Structured, offset, "offset error chunk"),
+        (Mode::Structured, after_eio, "after another error"),
+        (Mode::Extended, chunk, "extended error chunk"),
+        (Mode::Extended, offset, "extended offset error chunk"),
+        (Mode::Extended, after_eio, "extended, after another error"),
+    ];
+    for (mode, reply, what) in cases {
+        let mut h = Setup::new(mode).connect();
+        let c = h.read(0, 4096);
+        h.sent();
+        let r = reply(&h, c);
+        h.feed(&r);
+        let e = h.done_err(c);
+        assert!(matches!(e, CommandError::Server { .. }), "{what}: {e:?}");
+        let s = h.sent();
+        assert!(
+            s.len() == 1 && s[0].header.typ == cmd::DISC,
+            "{what}: expected NBD_CMD_DISC, sent {s:?}"
+        );
+        h.conn.handle_eof();
+        let ev = h.events();
+        assert!(
+            matches!(&ev[..], [Event::Closed(CloseReason::Disconnected)]),
+            "{what}: {ev:?}"
+        );
+    }
+}
