@@ -211,23 +211,32 @@ impl Connection {
     }
 
     /// Reports that the server closed its end (a read returned 0).
+    ///
+    /// The reason depends on what was going on: [`CloseReason::Disconnected`]
+    /// after [`Connection::disconnect`] once every request completed,
+    /// [`CloseReason::ServerClosed`] otherwise in the transmission phase
+    /// (counting the requests lost), [`CloseReason::ServerKilledConnection`]
+    /// before it.
     pub fn handle_eof(&mut self) {
         if self.is_finished() {
             return;
         }
-        let reason = self.eof_reason();
+        let reason = self.end_reason(None);
         self.close(reason);
     }
 
     /// Reports that the transport failed (an I/O error other than
-    /// would-block); the connection is over.
+    /// would-block, such as a reset); the connection is over. Once the
+    /// client asked for the end (`NBD_OPT_ABORT`, or `NBD_CMD_DISC` with
+    /// every request completed), this is the expected end and the reason
+    /// is clean, as for [`Connection::handle_eof`]; otherwise it is
+    /// [`CloseReason::ServerClosed`] in the transmission phase and
+    /// [`CloseReason::Transport`] before it.
     pub fn handle_transport_error(&mut self, message: impl Into<String>) {
-        // Rule 23: once NBD_OPT_ABORT is sent, however the server ends the
-        // connection is the expected end (nbd-server 3.24 resets it).
-        let reason = match self.eof_reason() {
-            CloseReason::Aborted => CloseReason::Aborted,
-            _ => CloseReason::Transport(message.into()),
-        };
+        if self.is_finished() {
+            return;
+        }
+        let reason = self.end_reason(Some(message.into()));
         self.close(reason);
     }
 

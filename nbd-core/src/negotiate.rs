@@ -1058,14 +1058,31 @@ impl Connection {
         Ok(ReplyStage::Payload(*h))
     }
 
-    /// The reason to report when the server closes now.
-    pub(crate) fn eof_reason(&self) -> CloseReason {
+    /// The reason to report when the server closes now (`transport_error`
+    /// `None`) or the transport fails with that message.
+    pub(crate) fn end_reason(&self, transport_error: Option<String>) -> CloseReason {
         let during = match &self.state {
+            // Rule 23: once NBD_OPT_ABORT is sent, however the server ends
+            // the connection is the expected end (nbd-server 3.24 resets it).
+            State::Option(p) if matches!(p.op, Op::Plain(PlainOption::Abort)) => {
+                return CloseReason::Aborted;
+            }
+            State::Transmission => {
+                let lost = self.xmit.in_flight();
+                // Spec "Terminating the transmission phase": after
+                // NBD_CMD_DISC the server closes; with every request
+                // answered that is the orderly end, EOF or reset alike.
+                if self.xmit.disconnect_sent() && lost == 0 {
+                    return CloseReason::Disconnected;
+                }
+                return CloseReason::ServerClosed {
+                    lost,
+                    transport_error,
+                };
+            }
+            State::Closed(r) => return r.clone(),
             State::Greeting | State::HandshakeFlags | State::Oldstyle => {
                 "reading the server's greeting".to_owned()
-            }
-            State::Option(p) if matches!(p.op, Op::Plain(PlainOption::Abort)) => {
-                return CloseReason::Aborted
             }
             State::Option(p) => format!("waiting for the reply to {}", p.op.kind()),
             State::ExportNameReply => {
@@ -1074,14 +1091,10 @@ impl Connection {
             }
             State::Negotiating => "negotiating (no option in flight)".to_owned(),
             State::Tls => "starting TLS".to_owned(),
-            State::Transmission => {
-                if self.xmit.disconnect_sent() && self.xmit.in_flight() == 0 {
-                    return CloseReason::Disconnected;
-                }
-                self.xmit.eof_context()
-            }
-            State::Closed(r) => return r.clone(),
         };
-        CloseReason::ServerKilledConnection { during }
+        match transport_error {
+            Some(m) => CloseReason::Transport(m),
+            None => CloseReason::ServerKilledConnection { during },
+        }
     }
 }

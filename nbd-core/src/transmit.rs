@@ -217,18 +217,6 @@ impl Transmission {
         self.disc_sent
     }
 
-    /// Describes what was outstanding, for the "server killed the connection" message.
-    pub(crate) fn eof_context(&self) -> String {
-        match self.rx {
-            Rx::Header if self.in_flight == 0 => "idle in the transmission phase".to_owned(),
-            Rx::Header => format!("{} requests were in flight", self.in_flight),
-            _ => format!(
-                "in the middle of a reply ({} requests in flight)",
-                self.in_flight
-            ),
-        }
-    }
-
     /// How many bytes the adapter should read into the receive buffer at
     /// once. Unlimited, except while the requests in flight carry large
     /// payloads on average and a reply header is awaited: then a short read
@@ -858,9 +846,19 @@ impl Connection {
 
     /// Queues `NBD_CMD_DISC` (soft disconnect). Requests already in flight
     /// still complete; the connection ends with
-    /// [`crate::CloseReason::Disconnected`] when the server closes. In option
-    /// mode use `opt_abort` instead.
+    /// [`crate::CloseReason::Disconnected`] when the server closes (or the
+    /// transport fails) after answering them all. In option mode use
+    /// `opt_abort` instead.
+    ///
+    /// If the server already hung up with nothing in flight
+    /// ([`crate::CloseReason::ServerClosed`] with `lost == 0`), there is
+    /// nothing left to end and nothing was lost: this returns `Ok(())` and
+    /// sends nothing. On a connection that ended any other way it is a
+    /// [`UsageError::WrongPhase`].
     pub fn disconnect(&mut self) -> Result<(), UsageError> {
+        if let State::Closed(crate::CloseReason::ServerClosed { lost: 0, .. }) = self.state {
+            return Ok(());
+        }
         self.need_ready("disconnect")?;
         self.send_disc();
         Ok(())

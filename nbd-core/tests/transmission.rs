@@ -804,7 +804,10 @@ fn s3_14_eof_mid_simple_read_payload_is_fatal() {
     assert!(
         matches!(
             &ev[..],
-            [Event::Closed(CloseReason::ServerKilledConnection { during })] if during.contains("middle of a reply")
+            [Event::Closed(CloseReason::ServerClosed {
+                lost: 2,
+                transport_error: None
+            })]
         ),
         "{ev:?}"
     );
@@ -2879,7 +2882,7 @@ fn life_01_server_dies_with_64_requests_in_flight() {
     assert_eq!(done, cookies);
     assert!(matches!(
         &ev[64],
-        Event::Closed(CloseReason::ServerKilledConnection { during }) if during.contains("64 requests")
+        Event::Closed(CloseReason::ServerClosed { lost: 64, .. })
     ));
     assert_eq!(h.conn.in_flight(), 0);
     assert_eq!(h.conn.phase(), Phase::Dead);
@@ -2900,8 +2903,9 @@ fn life_01_transport_error_fails_everything() {
     let ev = h.events();
     assert!(matches!(
         &ev[..],
-        [Event::Closed(CloseReason::Transport(_))]
+        [Event::Closed(CloseReason::ServerClosed { lost: 2, transport_error: Some(m) })] if m == "connection reset"
     ));
+    assert!(h.conn.close_reason().unwrap().is_loss());
 }
 
 #[test]
@@ -2958,18 +2962,120 @@ fn s3_13_eof_after_disconnect_with_reply_missing_is_not_clean() {
     let ev = h.events();
     assert!(matches!(
         &ev[..],
-        [Event::Closed(CloseReason::ServerKilledConnection { .. })]
+        [Event::Closed(CloseReason::ServerClosed { lost: 1, .. })]
     ));
+    assert!(h.conn.close_reason().unwrap().is_loss());
+    assert_eq!(h.conn.phase(), Phase::Dead);
 }
 
 #[test]
-fn s3_13_eof_while_idle_is_server_killed() {
+fn s3_13_eof_while_idle_is_server_closed_nothing_lost() {
     let mut h = Setup::new(Mode::Simple).connect();
     h.conn.handle_eof();
     let ev = h.events();
     assert!(matches!(
         &ev[..],
-        [Event::Closed(CloseReason::ServerKilledConnection { during })] if during.contains("idle")
+        [Event::Closed(CloseReason::ServerClosed {
+            lost: 0,
+            transport_error: None
+        })]
+    ));
+    let r = h.conn.close_reason().unwrap();
+    assert!(!r.is_clean() && !r.is_loss());
+    assert_eq!(r.lost_requests(), Some(0));
+    // Not an orderly end the client asked for, but nothing was lost.
+    assert_eq!(h.conn.phase(), Phase::Dead);
+}
+
+/// The server acks GO, then closes (EOF) while the client is idle; the
+/// client disconnects later. Nothing was in flight, so nothing was lost:
+/// `disconnect()` succeeds and sends nothing, and the reason stays.
+#[test]
+fn s3_13_eof_after_go_then_disconnect_is_ok() {
+    for reset in [false, true] {
+        let mut h = Setup::new(Mode::Structured).connect();
+        if reset {
+            h.conn.handle_transport_error("Connection reset by peer");
+        } else {
+            h.conn.handle_eof();
+        }
+        h.drain();
+        assert_eq!(h.conn.disconnect(), Ok(()), "reset {reset}");
+        h.nothing_sent();
+        let ev = h.events();
+        assert!(
+            matches!(
+                &ev[..],
+                [Event::Closed(CloseReason::ServerClosed { lost: 0, .. })]
+            ),
+            "{ev:?}"
+        );
+        assert!(!h.conn.close_reason().unwrap().is_loss());
+        // Commands are still refused.
+        assert!(h.conn.flush(CmdFlags::empty()).is_err());
+    }
+}
+
+/// `disconnect()` queued with nothing in flight: however the server then
+/// ends the connection (EOF or a reset), the end is clean.
+#[test]
+fn s3_13_eof_or_reset_after_disc_queued_is_clean() {
+    for reset in [false, true] {
+        let mut h = Setup::new(Mode::Extended).connect();
+        h.conn.disconnect().unwrap();
+        // Even before the DISC bytes left the queue.
+        if reset {
+            h.conn.handle_transport_error("Broken pipe");
+        } else {
+            h.conn.handle_eof();
+        }
+        let ev = h.events();
+        assert!(
+            matches!(&ev[..], [Event::Closed(CloseReason::Disconnected)]),
+            "reset {reset}: {ev:?}"
+        );
+        assert_eq!(h.conn.phase(), Phase::Closed);
+        assert!(h.conn.close_reason().unwrap().is_clean());
+    }
+}
+
+/// EOF with a read in flight is a loss: the read completes once, with an
+/// error, and `disconnect()` afterwards is refused.
+#[test]
+fn s3_13_eof_with_a_read_in_flight_is_a_loss() {
+    let mut h = Setup::new(Mode::Structured).connect();
+    let c = h.read(0, 4096);
+    h.sent();
+    h.conn.handle_eof();
+    let (r, buf) = h.done(c);
+    assert!(matches!(r, Err(CommandError::ConnectionClosed(_))), "{r:?}");
+    assert_eq!(buf.map(|b| b.len()), Some(4096));
+    let ev = h.events();
+    assert!(
+        matches!(
+            &ev[..],
+            [Event::Closed(CloseReason::ServerClosed { lost: 1, .. })]
+        ),
+        "{ev:?}"
+    );
+    let reason = h.conn.close_reason().unwrap();
+    assert!(reason.is_loss());
+    assert_eq!(reason.lost_requests(), Some(1));
+    assert!(matches!(
+        h.conn.disconnect(),
+        Err(UsageError::WrongPhase { .. })
+    ));
+    // And the same with DISC queued behind the read.
+    let mut h = Setup::new(Mode::Structured).connect();
+    let c = h.read(0, 4096);
+    h.conn.disconnect().unwrap();
+    h.sent();
+    h.conn.handle_eof();
+    assert!(matches!(h.done_err(c), CommandError::ConnectionClosed(_)));
+    let ev = h.events();
+    assert!(matches!(
+        &ev[..],
+        [Event::Closed(CloseReason::ServerClosed { lost: 1, .. })]
     ));
 }
 

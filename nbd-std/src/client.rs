@@ -992,8 +992,10 @@ impl Client {
     /// the server to close.
     ///
     /// Returns `Ok(())` once the connection ended cleanly, including when it
-    /// already had (a repeated `shutdown`); [`Error::Closed`] with the reason
-    /// if it ended any other way, now or before. Every later call that needs
+    /// already had (a repeated `shutdown`) or when the server had hung up
+    /// with nothing in flight (nothing was lost, see
+    /// [`CloseReason::is_loss`]); [`Error::Closed`] with the reason if it
+    /// ended any other way, now or before. Every later call that needs
     /// the connection fails with [`Error::Closed`]
     /// ([details](Client#after-the-connection-ended)).
     pub fn shutdown(&mut self) -> Result<()> {
@@ -1010,8 +1012,15 @@ impl Client {
                 }
                 self.finish_writes();
                 let _ = self.run_until(|c| c.conn.is_finished());
-                self.check_open()
+                self.shutdown_result()
             }
+            _ => self.shutdown_result(),
+        }
+    }
+
+    fn shutdown_result(&self) -> Result<()> {
+        match self.conn.close_reason() {
+            Some(r) if !r.is_loss() => Ok(()),
             _ => self.check_open(),
         }
     }

@@ -1334,9 +1334,16 @@ fn calls_after_the_end_report_the_close_reason() {
                 assert_eq!(reason, CloseReason::Disconnected);
                 assert_eq!(c.phase(), Phase::Closed);
             }
-            End::DiesNegotiating | End::DiesReady => {
+            End::DiesNegotiating => {
                 assert!(
                     matches!(reason, CloseReason::ServerKilledConnection { .. }),
+                    "{end:?}: {reason:?}"
+                );
+                assert_eq!(c.phase(), Phase::Dead);
+            }
+            End::DiesReady => {
+                assert!(
+                    matches!(reason, CloseReason::ServerClosed { lost: 0, .. }),
                     "{end:?}: {reason:?}"
                 );
                 assert_eq!(c.phase(), Phase::Dead);
@@ -1365,9 +1372,9 @@ fn calls_after_the_end_report_the_close_reason() {
             }
         }
         assert_eq!(c.aio_in_flight(), 0);
-        // Ending an ended connection again: Ok after a clean end, the
-        // reason after any other.
-        match (reason.is_clean(), c.shutdown()) {
+        // Ending an ended connection again: Ok after an end that lost
+        // nothing, the reason after any other.
+        match (!reason.is_loss(), c.shutdown()) {
             (true, Ok(())) => {}
             (false, Err(Error::Closed(r))) => assert_eq!(r, reason, "{end:?}: shutdown"),
             (_, other) => panic!("{end:?}: shutdown: {other:?}"),

@@ -1147,10 +1147,7 @@ fn life01_server_killed_with_64_reads_in_flight() {
     assert_eq!(phase, Phase::Dead, "an unexpected end is not a clean close");
     assert_eq!(in_flight, 0);
     assert!(
-        matches!(
-            reason,
-            Some(CloseReason::ServerKilledConnection { .. } | CloseReason::Transport(_))
-        ),
+        matches!(reason, Some(CloseReason::ServerClosed { lost: 64, .. })),
         "{reason:?}"
     );
     assert!(matches!(after, Err(Error::Closed(_))), "{after:?}");
