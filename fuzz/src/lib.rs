@@ -98,25 +98,25 @@ impl Setup {
     /// The connection configuration: strict mode off, so that every command
     /// the driver issues goes on the wire whatever the server advertised.
     pub fn config(self) -> Config {
-        Config {
-            export_name: if self.named_export {
-                "exp".into()
-            } else {
-                String::new()
-            },
-            opt_mode: self.opt_mode,
-            request_structured_replies: self.structured_replies,
-            request_extended_headers: self.extended_headers,
-            request_block_size: self.block_size,
-            full_info: self.full_info,
-            meta_contexts: META_CONTEXTS.iter().map(|s| s.to_string()).collect(),
-            strict: Strict::NONE,
-            limits: Limits {
-                max_in_flight: if self.few_slots { 3 } else { 64 },
-                ..Limits::default()
-            },
-            ..Config::default()
-        }
+        let mut cfg = Config::default();
+        cfg.export_name = if self.named_export {
+            "exp".into()
+        } else {
+            String::new()
+        };
+        cfg.opt_mode = self.opt_mode;
+        cfg.request_structured_replies = self.structured_replies;
+        cfg.request_extended_headers = self.extended_headers;
+        cfg.request_block_size = self.block_size;
+        cfg.full_info = self.full_info;
+        cfg.meta_contexts = META_CONTEXTS.iter().map(|s| s.to_string()).collect();
+        cfg.strict = Strict::NONE;
+        cfg.limits = {
+            let mut base = Limits::default();
+            cfg.max_in_flight = if self.few_slots { 3 } else { 64 };
+            cfg
+        };
+        base
     }
 }
 

@@ -20,6 +20,7 @@ const RECV_BUFFER_LEN: usize = 256 * 1024;
 
 /// Where the connection is in its life (libnbd's public states).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Phase {
     /// Handshake or an option exchange is in progress.
     Connecting,

@@ -80,6 +80,7 @@ pub struct Cookie(pub u64);
 
 /// The handshake style the server used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Protocol {
     /// Oldstyle: no options, straight to transmission.
     Oldstyle,
@@ -132,7 +133,11 @@ impl BlockSize {
 
 /// What the server told about an export (from GO, INFO, EXPORT_NAME or an
 /// oldstyle greeting).
+///
+/// Fields may be added; it is built by the connection, read it with the
+/// fields and the `can_*`/`is_*` methods.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct ExportInfo {
     /// The name the client asked for.
     pub name: String,
@@ -341,6 +346,7 @@ pub use crate::wire::reply::Extent;
 
 /// Kind of a structured read chunk, reported when the read asked for chunk events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReadChunkKind {
     /// `NBD_REPLY_TYPE_OFFSET_DATA` (or a simple reply's payload).
     Data,

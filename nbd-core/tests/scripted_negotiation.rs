@@ -173,9 +173,10 @@ impl Client {
     }
 
     fn opt_mode() -> Client {
-        Client::new(Config {
-            opt_mode: true,
-            ..Config::default()
+        Client::new({
+            let mut cfg = Config::default();
+            cfg.opt_mode = true;
+            cfg
         })
     }
 
@@ -294,9 +295,10 @@ fn rule_8_to_10_client_flags_only_those_advertised() {
         assert!(t.closed().is_none());
     }
     // The client's own configuration can withhold a flag the server offered.
-    let mut t = Client::new(Config {
-        handshake_flags: cf::FIXED_NEWSTYLE,
-        ..Config::default()
+    let mut t = Client::new({
+        let mut cfg = Config::default();
+        cfg.handshake_flags = cf::FIXED_NEWSTYLE;
+        cfg
     });
     t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
     assert_eq!(t.client_flags(), cf::FIXED_NEWSTYLE);
@@ -375,13 +377,11 @@ fn rule_1_6_export_name_reply_with_zeroes_otherwise() {
     // 124 zero bytes follow, and the client waits for all of them.
     let configs = [
         (0u16, Config::default()),
-        (
-            hf::NO_ZEROES,
-            Config {
-                handshake_flags: cf::FIXED_NEWSTYLE,
-                ..Config::default()
-            },
-        ),
+        (hf::NO_ZEROES, {
+            let mut cfg = Config::default();
+            cfg.handshake_flags = cf::FIXED_NEWSTYLE;
+            cfg
+        }),
     ];
     for (server, cfg) in configs {
         let mut t = Client::new(cfg);
@@ -400,9 +400,10 @@ fn rule_1_6_export_name_reply_with_zeroes_otherwise() {
 fn rule_1_6_go_reply_never_padded() {
     // GO after a greeting without NO_ZEROES: no padding; a following byte
     // would be unexpected data, not padding.
-    let mut t = Client::new(Config {
-        request_structured_replies: false,
-        ..Config::default()
+    let mut t = Client::new({
+        let mut cfg = Config::default();
+        cfg.request_structured_replies = false;
+        cfg
     });
     t.feed(&greeting(hf::FIXED_NEWSTYLE));
     t.feed(&go_ok(opt::GO));
@@ -777,9 +778,10 @@ fn rule_31_go_unsup_falls_back_in_option_mode_too() {
 
 #[test]
 fn rule_33_go_asks_for_block_size_and_rule_27_layout() {
-    let mut t = Client::new(Config {
-        export_name: "exp".into(),
-        ..Config::default()
+    let mut t = Client::new({
+        let mut cfg = Config::default();
+        cfg.export_name = "exp".into();
+        cfg
     });
     t.feed(&prelude());
     let (o, d) = t.options().pop().unwrap();
@@ -792,9 +794,10 @@ fn rule_33_go_asks_for_block_size_and_rule_27_layout() {
 
 #[test]
 fn rule_33_block_size_reqd_retries_with_block_size() {
-    let mut t = Client::new(Config {
-        request_block_size: false,
-        ..Config::default()
+    let mut t = Client::new({
+        let mut cfg = Config::default();
+        cfg.request_block_size = false;
+        cfg
     });
     t.feed(&prelude());
     let (_, d) = t.options().pop().unwrap();
@@ -1120,9 +1123,10 @@ fn rule_2_8_flags_without_has_flags_are_rejected() {
 fn rule_2_8_flags_that_need_unnegotiated_features_are_cleared() {
     // DF without structured replies, FAST_ZERO without WRITE_ZEROES,
     // BLOCK_STATUS_PAYLOAD without extended headers.
-    let mut t = Client::new(Config {
-        request_structured_replies: false,
-        ..Config::default()
+    let mut t = Client::new({
+        let mut cfg = Config::default();
+        cfg.request_structured_replies = false;
+        cfg
     });
     t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
     let flags = tf::HAS_FLAGS | tf::SEND_DF | tf::SEND_FAST_ZERO | tf::BLOCK_STATUS_PAYLOAD;
@@ -1180,9 +1184,10 @@ fn full_negotiations() -> Vec<(&'static str, Config, Vec<u8>)> {
         ),
         (
             "option-mode",
-            Config {
-                opt_mode: true,
-                ..Config::default()
+            {
+                let mut cfg = Config::default();
+                cfg.opt_mode = true;
+                cfg
             },
             Vec::new(), // built by drive_option_mode
         ),

@@ -117,12 +117,11 @@ impl Setup {
     }
 
     fn config(&self) -> Config {
-        Config {
-            meta_contexts: self.contexts.iter().map(|(_, n)| n.to_string()).collect(),
-            strict: self.strict,
-            limits: self.limits.clone(),
-            ..Config::default()
-        }
+        let mut cfg = Config::default();
+        cfg.meta_contexts = self.contexts.iter().map(|(_, n)| n.to_string()).collect();
+        cfg.strict = self.strict;
+        cfg.limits = self.limits.clone();
+        cfg
     }
 
     /// The option reply stream, in the order the automatic sequence sends
@@ -2118,10 +2117,8 @@ fn s3_8_block_status_bad_length_is_fatal() {
 
 #[test]
 fn s3_10_too_many_extents_is_fatal() {
-    let limits = Limits {
-        max_extents: 4,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.max_extents = 4;
     let mut h = Setup::new(Mode::Structured)
         .base_allocation(1)
         .limits(limits)
@@ -2752,10 +2749,8 @@ fn life_03_commands_after_disconnect_refused() {
 
 #[test]
 fn limits_max_in_flight() {
-    let limits = Limits {
-        max_in_flight: 4,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.max_in_flight = 4;
     let mut h = Setup::new(Mode::Structured).limits(limits).connect();
     let cookies: Vec<_> = (0..4).map(|_| h.flush()).collect();
     assert_eq!(h.conn.in_flight(), 4);
@@ -2780,10 +2775,8 @@ fn limits_max_in_flight() {
 
 #[test]
 fn limits_bytes_in_flight() {
-    let limits = Limits {
-        max_bytes_in_flight: MIB,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.max_bytes_in_flight = MIB;
     let mut h = Setup::new(Mode::Structured).limits(limits).connect();
     let a = h.read(0, 512 * KIB);
     let _b = h.write(MIB, &vec![0; 512 * KIB as usize]);
@@ -2819,10 +2812,8 @@ fn limits_bytes_in_flight() {
 
 #[test]
 fn limits_single_request_larger_than_byte_limit_allowed_when_idle() {
-    let limits = Limits {
-        max_bytes_in_flight: 64 * KIB,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.max_bytes_in_flight = 64 * KIB;
     let mut h = Setup::new(Mode::Structured).limits(limits).connect();
     assert!(h.conn.has_room(MIB));
     let w = h.write(0, &vec![0; MIB as usize]);
@@ -3207,10 +3198,8 @@ fn strict_off_error_offset_past_u64_max_does_not_panic() {
 #[test]
 fn unlimited_max_read_limit_does_not_panic() {
     // Regression: `dos_limit + 64` overflowed when `max_read` is u64::MAX.
-    let limits = Limits {
-        max_read: u64::MAX,
-        ..Limits::default()
-    };
+    let mut limits = Limits::default();
+    limits.max_read = u64::MAX;
     let mut h = Setup::new(Mode::Structured).limits(limits).connect();
     let c = h.read(0, 512);
     h.sent();
@@ -3345,10 +3334,8 @@ fn s3_11_impossible_chunk_length_fails_on_the_header() {
             }
         );
         // Block status announcing more extents than the limit.
-        let limits = Limits {
-            max_extents: 4,
-            ..Limits::default()
-        };
+        let mut limits = Limits::default();
+        limits.max_extents = 4;
         let mut h = Setup::new(mode).base_allocation(1).limits(limits).connect();
         let c = h.block_status(0, 4096, CmdFlags::empty());
         h.sent();

@@ -253,10 +253,8 @@ fn main() {
     let rs = o.reqsize;
     let depth = o.depth as usize;
 
-    let mut cfg = Config {
-        request_structured_replies: !o.no_sr,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.request_structured_replies = !o.no_sr;
     // Room for DEPTH requests of REQSIZE, and libnbd's 64 MiB request cap.
     cfg.limits.max_in_flight = cfg.limits.max_in_flight.max(depth);
     cfg.limits.max_bytes_in_flight = cfg

@@ -51,10 +51,8 @@ fn disconnect(h: &mut Harness) {
 #[test]
 fn opt_mode_list_go_and_64_requests_in_flight() {
     let srv = Nbdkit::start(&["memory", "64M"]);
-    let cfg = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
     let nbd = NbdConnection::connect_unix(&srv.sock, cfg).expect("connect");
     let mut h = Harness::new(nbd);
     h.run_until(|n| n.phase() != Phase::Connecting);
@@ -341,10 +339,8 @@ fn refused_tcp_connect_ends_with_a_transport_error() {
 #[test]
 fn opt_abort_ends_cleanly() {
     let srv = Nbdkit::start(&["memory", "1M"]);
-    let cfg = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
     let mut h = Harness::new(NbdConnection::connect(&srv.uri(), cfg).expect("connect"));
     h.run_until(|n| n.phase() == Phase::Negotiating);
     h.nbd.conn_mut().opt_abort().expect("opt_abort");
@@ -373,10 +369,8 @@ fn unsupported_transports_are_refused_clearly() {
         NbdConnection::connect_uri("http://x/", Config::default()),
         Err(Error::Uri(_))
     ));
-    let cfg = Config {
-        tls: nbd_mio::nbd_core::TlsMode::Require,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.tls = nbd_mio::nbd_core::TlsMode::Require;
     let (a, _b) = mio::net::UnixStream::pair().expect("pair");
     assert!(matches!(
         NbdConnection::from_unix_stream(a, cfg),

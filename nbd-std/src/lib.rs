@@ -17,7 +17,8 @@
 //!
 //! ```no_run
 //! use nbd_std::{Client, Config};
-//! let cfg = Config { opt_mode: true, ..Config::default() };
+//! let mut cfg = Config::default();
+//! cfg.opt_mode = true;
 //! let mut c = Client::connect("/tmp/sock", cfg)?;
 //! for (name, description) in c.opt_list()? {
 //!     println!("{name} {description}");

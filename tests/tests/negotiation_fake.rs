@@ -39,20 +39,18 @@ fn guarded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
 }
 
 fn opt_mode() -> Config {
-    Config {
-        opt_mode: true,
-        ..Config::default()
-    }
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
+    cfg
 }
 
 /// Option mode without the automatic EXTENDED_HEADERS / STRUCTURED_REPLY:
 /// the first option on the wire is the test's own.
 fn bare_opt_mode() -> Config {
-    Config {
-        opt_mode: true,
-        request_structured_replies: false,
-        ..Config::default()
-    }
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
+    cfg.request_structured_replies = false;
+    cfg
 }
 
 fn connect(server: &FakeServer, cfg: Config) -> Result<Client, Error> {
@@ -248,10 +246,8 @@ fn rule_9_go_unsup_falls_back_to_export_name_with_zeroes() {
 #[test]
 fn client_without_no_zeroes_gets_zero_padding() {
     let s = fallback_server(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, 1, true);
-    let cfg = Config {
-        handshake_flags: consts::client_flags::FIXED_NEWSTYLE,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.handshake_flags = consts::client_flags::FIXED_NEWSTYLE;
     check_fallback_client(s, cfg);
 }
 
@@ -950,10 +946,8 @@ fn truncated_at_every_offset_opt_mode() {
         let s = truncating_server(n);
         let path = s.socket().to_path_buf();
         let r = guarded(&format!("{n} bytes"), move || {
-            let cfg = Config {
-                full_info: true,
-                ..opt_mode()
-            };
+            let mut cfg = opt_mode();
+            cfg.full_info = true;
             let mut c = Client::connect_unix(path, cfg)?;
             let list = c.opt_list()?;
             assert_eq!(

@@ -24,10 +24,9 @@ use nbd_tests::{
 // ------------------------------------------------------------------ helpers
 
 fn opt_mode() -> Config {
-    Config {
-        opt_mode: true,
-        ..Config::default()
-    }
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
+    cfg
 }
 
 /// Byte `i` of the test images.
@@ -143,10 +142,8 @@ fn qemu_hello(dir: &Path) -> nbd_tests::Server {
 fn qemu_nbd_opt_mode_list_info_go() {
     let data = scratch_dir();
     let s = qemu_hello(data.path());
-    let cfg = Config {
-        full_info: true,
-        ..opt_mode()
-    };
+    let mut cfg = opt_mode();
+    cfg.full_info = true;
     let mut c = Client::connect_unix(s.socket(), cfg).unwrap();
     assert_eq!(c.phase(), Phase::Negotiating);
     assert_eq!(c.get_protocol(), Some("newstyle-fixed"));
@@ -216,10 +213,8 @@ fn rule_33_qemu_default_connect_go_with_block_size() {
 fn rule_48_qemu_opt_extended_headers_then_structured_reply() {
     let data = scratch_dir();
     let s = qemu_hello(data.path());
-    let cfg = Config {
-        request_structured_replies: false,
-        ..opt_mode()
-    };
+    let mut cfg = opt_mode();
+    cfg.request_structured_replies = false;
     let mut c = Client::connect(&s.uri(), cfg).unwrap();
     assert!(!c.get_structured_replies_negotiated());
     assert!(!c.get_extended_headers_negotiated());
@@ -245,10 +240,8 @@ fn rule_48_qemu_opt_extended_headers_then_structured_reply() {
 fn qemu_structured_reply_then_extended_headers() {
     let data = scratch_dir();
     let s = qemu_hello(data.path());
-    let cfg = Config {
-        request_extended_headers: false,
-        ..opt_mode()
-    };
+    let mut cfg = opt_mode();
+    cfg.request_extended_headers = false;
     let mut c = Client::connect(&s.uri(), cfg).unwrap();
     assert!(c.get_structured_replies_negotiated());
     assert!(!c.get_extended_headers_negotiated());
@@ -361,10 +354,8 @@ fn rule_49_nbdkit_memory_default_connect() {
 #[test]
 fn nbdkit_memory_opt_mode() {
     let s = nbdkit(&["memory", "1M"]);
-    let cfg = Config {
-        request_structured_replies: false,
-        ..opt_mode()
-    };
+    let mut cfg = opt_mode();
+    cfg.request_structured_replies = false;
     let mut c = Client::connect_unix(s.socket(), cfg).unwrap();
     assert!(!c.get_structured_replies_negotiated());
     assert!(c.opt_structured_reply().unwrap());

@@ -95,10 +95,9 @@ fn usage(r: Result<(), Error>, what: &str) -> UsageError {
 }
 
 fn cfg_strict(strict: Strict) -> Config {
-    Config {
-        strict,
-        ..Config::default()
-    }
+    let mut cfg = Config::default();
+    cfg.strict = strict;
+    cfg
 }
 
 /// IO-01: the data round-trip workload. Writes (aligned, unaligned where
@@ -590,12 +589,10 @@ fn hs10_qemu_nbd_structured_and_extended_on_and_off() {
         ((false, false), (false, false)),
     ];
     for (i, ((sr, eh), (want_sr, want_eh))) in cases.into_iter().enumerate() {
-        let cfg = Config {
-            request_structured_replies: sr,
-            request_extended_headers: eh,
-            meta_contexts: vec![CONTEXT_BASE_ALLOCATION.into()],
-            ..Config::default()
-        };
+        let mut cfg = Config::default();
+        cfg.request_structured_replies = sr;
+        cfg.request_extended_headers = eh;
+        cfg.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.into()];
         let mut c = connect(&srv.uri(), cfg);
         let what = format!("request sr={sr} eh={eh}");
         assert_eq!(c.get_structured_replies_negotiated(), want_sr, "{what}");
@@ -663,10 +660,8 @@ fn io04_block_status_matches_qemu_img_map() {
     assert!(expected.len() >= 5, "sparse layout expected: {expected:?}");
     let srv = qemu_nbd(&["-r"], &img);
     for eh in [true, false] {
-        let cfg = Config {
-            request_extended_headers: eh,
-            ..Config::with_base_allocation()
-        };
+        let mut cfg = Config::with_base_allocation();
+        cfg.request_extended_headers = eh;
         let mut c = connect(&srv.uri(), cfg);
         assert_eq!(c.get_extended_headers_negotiated(), eh);
         let maps = full_maps(&mut c, size, 0);
@@ -732,11 +727,9 @@ fn io04_qemu_dirty_bitmap_and_allocation_depth() {
         (4 * MIB + 64 * KIB, tail, 0),
     ];
     for eh in [true, false] {
-        let cfg = Config {
-            request_extended_headers: eh,
-            meta_contexts: vec![CONTEXT_BASE_ALLOCATION.into(), depth.into(), bitmap.into()],
-            ..Config::default()
-        };
+        let mut cfg = Config::default();
+        cfg.request_extended_headers = eh;
+        cfg.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.into(), depth.into(), bitmap.into()];
         let mut c = connect(&srv.uri(), cfg);
         assert_eq!(c.get_extended_headers_negotiated(), eh);
         for name in [CONTEXT_BASE_ALLOCATION, depth, bitmap] {

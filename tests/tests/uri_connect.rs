@@ -90,13 +90,11 @@ fn percent_encoded_export_name_qemu() {
         c.shutdown().unwrap();
     }
     // The listing shows the decoded name.
-    let mut c = Client::connect(
-        &format!("nbd+unix:///?socket={q}"),
-        Config {
-            opt_mode: true,
-            ..Config::default()
-        },
-    )
+    let mut c = Client::connect(&format!("nbd+unix:///?socket={q}"), {
+        let mut cfg = Config::default();
+        cfg.opt_mode = true;
+        cfg
+    })
     .unwrap();
     assert_eq!(c.opt_list().unwrap()[0].0, "a b/c");
 }
