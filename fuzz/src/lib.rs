@@ -31,7 +31,7 @@ use std::io::IoSlice;
 
 use bytes::{Bytes, BytesMut};
 use nbd_core::consts::cmd_flags;
-use nbd_core::{CmdFlags, Config, Connection, Cookie, Event, Limits, Phase, Strict, UsageError};
+use nbd_core::{CmdFlags, Config, Connection, Cookie, Event, Phase, Strict, UsageError};
 
 /// Length of the input header of `state_machine`.
 pub const HEADER_LEN: usize = 4;
@@ -111,12 +111,8 @@ impl Setup {
         cfg.full_info = self.full_info;
         cfg.meta_contexts = META_CONTEXTS.iter().map(|s| s.to_string()).collect();
         cfg.strict = Strict::NONE;
-        cfg.limits = {
-            let mut base = Limits::default();
-            cfg.max_in_flight = if self.few_slots { 3 } else { 64 };
-            cfg
-        };
-        base
+        cfg.limits.max_in_flight = if self.few_slots { 3 } else { 64 };
+        cfg
     }
 }
 
