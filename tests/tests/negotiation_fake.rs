@@ -1337,7 +1337,7 @@ fn calls_after_the_end_report_the_close_reason() {
             }
             End::DiesReady => {
                 assert!(
-                    matches!(reason, CloseReason::ServerClosed { lost: 0, .. }),
+                    matches!(reason, CloseReason::ServerClosed { lost: 1, .. }),
                     "{end:?}: {reason:?}"
                 );
                 assert_eq!(c.phase(), Phase::Dead);
