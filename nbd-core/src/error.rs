@@ -371,8 +371,11 @@ impl RepError {
     }
 }
 
-/// The server refused an option: its error type and its message.
+/// The server refused an option: its error type and its message. Built by
+/// the connection (fields may be added); read it in
+/// [`crate::Event::OptionError`] and [`crate::CloseReason::NegotiationFailed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct OptionError {
     /// Error type.
     pub reply: RepError,

@@ -28,8 +28,9 @@
 //!   (copying); [`Connection::handle_eof`] when the server closes.
 //! - **Commands** queue work and return at once: `opt_list`, `opt_info`,
 //!   `opt_go`, ... in option mode; [`Connection::read`],
-//!   [`Connection::write`], ... once ready. Misuse is a [`UsageError`]
-//!   returned at once, never a panic.
+//!   [`Connection::write`], ... once ready, with [`CmdFlags`]. Misuse is a
+//!   [`UsageError`] returned at once, never a panic; a refused read or
+//!   write hands its buffer back in a [`Refused`].
 //! - **Output**: bytes to send ([`Connection::transmit_slices`] for vectored
 //!   writes, then [`Connection::transmitted`]), then [`Connection::poll_event`].
 //!   After every input and every command, drain all output before waiting
@@ -51,13 +52,20 @@
 //! ```
 //!
 //! ## Errors
-//! Three kinds: a [`ProtocolError`] (the server broke the protocol; the
-//! connection ends with [`CloseReason::Protocol`], reported once), a
+//! Three kinds: a [`ProtocolError`] (the server broke the protocol, one
+//! variant per rule; the connection ends with [`CloseReason::Protocol`],
+//! reported once), a
 //! [`UsageError`] (the caller asked for something invalid; nothing was
 //! sent), and server-reported errors ([`OptionError`] in
 //! [`Event::OptionError`], [`CommandError`] in [`Event::CommandDone`]), which
 //! leave the connection usable. Every request in flight completes exactly
 //! once, with an error if the connection ends first.
+//!
+//! How the connection ended is one [`CloseReason`]:
+//! [`CloseReason::is_clean`] for the ends the client asked for,
+//! [`CloseReason::is_loss`] to know whether the end cost anything (a server
+//! that hangs up with nothing in flight, [`CloseReason::ServerClosed`] with
+//! `lost == 0`, cost nothing).
 //!
 //! ## Modules
 //! [`consts`] (every number of the spec), [`wire`] (encoders and parsers per
