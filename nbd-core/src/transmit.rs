@@ -10,7 +10,9 @@ use bytes::{Bytes, BytesMut};
 
 use crate::client::Connection;
 use crate::config::{Config, Limits, Strict};
-use crate::consts::{chunk, cmd, cmd_flags as cf, errno, reply_flags, transmission_flags as tf};
+use crate::consts::{
+    chunk, cmd, cmd_flags as cf, errno, reply_flags, transmission_flags as tf, MAX_STRING_LEN,
+};
 use crate::error::{CommandError, NbdErrno, ProtocolError, Refused, UsageError};
 use crate::event::{Cookie, Event, ExportInfo, Extent, ReadChunkKind};
 use crate::flags::CmdFlags;
@@ -1314,6 +1316,21 @@ impl Connection {
                         Ok(())
                     }
                     t if t & chunk::FLAG_ERROR != 0 => {
+                        // Error value, message length, a message of at most
+                        // 4096 bytes (spec "Structured reply types"), and the
+                        // offset of ERROR_OFFSET. Unknown error types may
+                        // carry more; they are bounded by the buffer.
+                        let known = match t {
+                            chunk::ERROR => Some(6),
+                            chunk::ERROR_OFFSET => Some(14),
+                            _ => None,
+                        };
+                        if let Some(fixed) = known {
+                            let limit = fixed + MAX_STRING_LEN as u64;
+                            if length > limit {
+                                return Err(too_long(limit));
+                            }
+                        }
                         if length > MAX_BUFFERED_CHUNK {
                             return Err(WireError::BadLength {
                                 what: "error chunk",

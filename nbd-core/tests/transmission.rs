@@ -252,9 +252,13 @@ fn options_sent(mut b: &[u8]) -> Vec<u32> {
 /// The connection ended for a protocol violation matching the pattern
 /// (see [`Harness::fatal`]).
 macro_rules! assert_fatal {
-    ($h:expr, $p:pat) => {{
+    ($h:expr, $p:pat $(if $guard:expr)?) => {{
         let e = $h.fatal();
-        assert!(matches!(e, $p), "expected {}, got {e:?}", stringify!($p));
+        assert!(
+            matches!(e, $p $(if $guard)?),
+            "expected {}, got {e:?}",
+            stringify!($p)
+        );
     }};
 }
 
@@ -3333,6 +3337,16 @@ fn s3_11_impossible_chunk_length_fails_on_the_header() {
                 ..
             }
         );
+        // An error chunk longer than a 4096-byte message allows.
+        for (typ, limit) in [(chunk::ERROR, 6 + 4096), (chunk::ERROR_OFFSET, 14 + 4096)] {
+            let mut h = Setup::new(mode).connect();
+            let c = h.read(0, 4096);
+            h.sent();
+            let mut b = BytesMut::new();
+            encode_chunk_header(h.mode, DONE, typ, c.0, 0, limit + 1, &mut b);
+            h.feed(&b);
+            assert_fatal!(h, ProtocolError::ChunkTooLong { limit: l, .. } if l == limit);
+        }
         // Block status announcing more extents than the limit.
         let mut limits = Limits::default();
         limits.max_extents = 4;
@@ -3402,4 +3416,34 @@ fn rule_104_eshutdown_on_a_read_sends_disc() {
             "{what}: {ev:?}"
         );
     }
+}
+
+/// The typed violations say what the server did, with its values, and the
+/// close reason is an `Error` whose source is the violation.
+#[test]
+fn protocol_errors_display_what_the_server_sent() {
+    let mut h = Setup::new(Mode::Structured).connect();
+    let c = h.read(4096, 4096);
+    h.sent();
+    let r = h.hole(DONE, c, 8191, 2);
+    h.feed(&r);
+    let e = h.fatal();
+    assert!(matches!(
+        e,
+        ProtocolError::ChunkOutOfRange {
+            offset: 8191,
+            length: 2,
+            request_offset: 4096,
+            request_length: 4096,
+            ..
+        }
+    ));
+    let text = e.to_string();
+    assert!(
+        text.contains("offset 8191 length 2") && text.contains("4096+4096"),
+        "{text}"
+    );
+    let reason = h.conn.close_reason().unwrap().clone();
+    let as_error: &dyn std::error::Error = &reason;
+    assert_eq!(as_error.source().map(|s| s.to_string()), Some(text));
 }
