@@ -626,7 +626,12 @@ impl Connection {
             return Ok(false);
         }
         let name = self.cfg.export_name.clone();
-        self.enter_transmission(name, f.size, f.transmission_flags, None)?;
+        self.enter_transmission(ExportInfo {
+            name,
+            size: f.size,
+            flags: f.transmission_flags,
+            ..ExportInfo::default()
+        })?;
         Ok(true)
     }
 
@@ -685,22 +690,17 @@ impl Connection {
         let (size, flags) = handshake::parse_export_name_reply(b);
         self.rx.consume(EXPORT_NAME_REPLY_LEN + pad);
         let name = self.cfg.export_name.clone();
-        self.enter_transmission(name, size, flags, None)?;
+        self.enter_transmission(ExportInfo {
+            name,
+            size,
+            flags,
+            ..ExportInfo::default()
+        })?;
         Ok(true)
     }
 
     /// Validates what the server said and enters the transmission phase.
-    fn enter_transmission(
-        &mut self,
-        name: String,
-        size: u64,
-        flags: u16,
-        base: Option<ExportInfo>,
-    ) -> Result<(), ProtocolError> {
-        let mut info = base.unwrap_or_default();
-        info.name = name;
-        info.size = size;
-        info.flags = flags;
+    fn enter_transmission(&mut self, info: ExportInfo) -> Result<(), ProtocolError> {
         let info = self.sanitize(info)?;
         self.info = Some(info.clone());
         self.state = State::Transmission;
@@ -915,9 +915,7 @@ impl Connection {
                     return Err(ProtocolError::MissingExportInfo(kind));
                 }
                 if go {
-                    let name = info.name.clone();
-                    let (size, flags) = (info.size, info.flags);
-                    return self.enter_transmission(name, size, flags, Some(info));
+                    return self.enter_transmission(info);
                 }
                 self.info = Some(self.sanitize(info)?);
             }
