@@ -426,11 +426,7 @@ impl Connection {
             if self.is_finished() {
                 return;
             }
-            let progressed = match self.state {
-                State::Transmission => self.step_transmission(),
-                _ => self.step_negotiation(),
-            };
-            match progressed {
+            match self.step() {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {

@@ -41,7 +41,8 @@ pub(crate) enum State {
     /// Idle between options (option mode).
     Negotiating,
     /// An option was sent; its reply is expected.
-    Option(Pending),
+    /// (Boxed: the state moves on every step, and this is its largest part.)
+    Option(Box<Pending>),
     /// `NBD_OPT_EXPORT_NAME` was sent; its special reply is expected.
     ExportNameReply,
     /// STARTTLS was acknowledged; the adapter runs the TLS handshake.
@@ -404,11 +405,11 @@ impl Connection {
     fn send_op(&mut self, op: Op, data: &[u8], origin: Origin) {
         let code = op.kind().code();
         self.tx.push_message(|b| wopt::encode_option(code, data, b));
-        self.state = State::Option(Pending {
+        self.state = State::Option(Box::new(Pending {
             origin,
             stage: ReplyStage::Header,
             op,
-        });
+        }));
     }
 
     /// Sends LIST_META_CONTEXT (`set` false) or SET_META_CONTEXT.
@@ -544,19 +545,56 @@ impl Connection {
 
     // ----- receiving -----
 
-    /// One step of the handshake/option machine over buffered input;
-    /// `Ok(false)` means more bytes are needed.
-    pub(crate) fn step_negotiation(&mut self) -> Result<bool, ProtocolError> {
-        // The option in flight is taken out of the state while its reply is
-        // read, and put back unless the reply ended it.
-        let state = std::mem::replace(&mut self.state, State::Negotiating);
-        let mut p = match state {
-            State::Option(p) => p,
-            other => {
-                self.state = other;
-                return self.step_handshake();
+    /// One step of the state machine over buffered input, whatever the
+    /// phase; `Ok(false)` means more bytes are needed.
+    pub(crate) fn step(&mut self) -> Result<bool, ProtocolError> {
+        // The hot path: no state to move.
+        if let State::Transmission = self.state {
+            return self.step_transmission();
+        }
+        // The state is taken by value so that each arm sees exactly its own
+        // state; every arm but the option in flight puts it straight back.
+        match std::mem::replace(&mut self.state, State::Negotiating) {
+            State::Option(p) => self.step_option(p),
+            State::Greeting => {
+                self.state = State::Greeting;
+                self.step_greeting()
             }
-        };
+            State::Oldstyle => {
+                self.state = State::Oldstyle;
+                self.step_oldstyle()
+            }
+            State::HandshakeFlags => {
+                self.state = State::HandshakeFlags;
+                self.step_handshake_flags()
+            }
+            State::ExportNameReply => {
+                self.state = State::ExportNameReply;
+                self.step_export_name_reply()
+            }
+            s @ (State::Negotiating | State::Tls) => {
+                self.state = s;
+                // Nothing is expected from the server now.
+                if self.rx.len() > 0 {
+                    return Err(ProtocolError::UnexpectedData(self.rx.len()));
+                }
+                Ok(false)
+            }
+            State::Transmission => {
+                self.state = State::Transmission;
+                self.step_transmission()
+            }
+            // Over: input is no longer read.
+            s @ State::Closed(_) => {
+                self.state = s;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Reads the reply to the option in flight, `p`, taken out of the
+    /// state; puts it back unless the reply ended it.
+    fn step_option(&mut self, mut p: Box<Pending>) -> Result<bool, ProtocolError> {
         match self.step_option_reply(&mut p)? {
             OptionStep::More => {
                 self.state = State::Option(p);
@@ -567,42 +605,27 @@ impl Connection {
                 Ok(true)
             }
             OptionStep::Acked => {
-                self.option_acked(p)?;
+                self.option_acked(*p)?;
                 Ok(true)
             }
             OptionStep::Failed(error) => {
-                self.option_failed(p, error);
+                self.option_failed(*p, error);
                 Ok(true)
             }
         }
     }
 
-    /// One step of the handshake before and between options.
-    fn step_handshake(&mut self) -> Result<bool, ProtocolError> {
-        match &self.state {
-            State::Greeting => {
-                let Some(b) = self.rx.data().first_chunk::<GREETING_PREFIX_LEN>() else {
-                    return Ok(false);
-                };
-                let style = handshake::parse_greeting_prefix(b)?;
-                self.rx.consume(GREETING_PREFIX_LEN);
-                self.state = match style {
-                    Style::Oldstyle => State::Oldstyle,
-                    Style::Newstyle => State::HandshakeFlags,
-                };
-                Ok(true)
-            }
-            State::Oldstyle => self.step_oldstyle(),
-            State::HandshakeFlags => self.step_handshake_flags(),
-            State::ExportNameReply => self.step_export_name_reply(),
-            State::Negotiating | State::Tls => {
-                if self.rx.len() > 0 {
-                    return Err(ProtocolError::UnexpectedData(self.rx.len()));
-                }
-                Ok(false)
-            }
-            State::Option(_) | State::Transmission | State::Closed(_) => Ok(false),
-        }
+    fn step_greeting(&mut self) -> Result<bool, ProtocolError> {
+        let Some(b) = self.rx.data().first_chunk::<GREETING_PREFIX_LEN>() else {
+            return Ok(false);
+        };
+        let style = handshake::parse_greeting_prefix(b)?;
+        self.rx.consume(GREETING_PREFIX_LEN);
+        self.state = match style {
+            Style::Oldstyle => State::Oldstyle,
+            Style::Newstyle => State::HandshakeFlags,
+        };
+        Ok(true)
     }
 
     fn step_oldstyle(&mut self) -> Result<bool, ProtocolError> {
