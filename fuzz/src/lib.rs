@@ -31,7 +31,7 @@ use std::io::IoSlice;
 
 use bytes::{Bytes, BytesMut};
 use nbd_core::consts::cmd_flags;
-use nbd_core::{Config, Connection, Cookie, Event, Limits, Phase, Strict, UsageError};
+use nbd_core::{CmdFlags, Config, Connection, Cookie, Event, Phase, Strict, UsageError};
 
 /// Length of the input header of `state_machine`.
 pub const HEADER_LEN: usize = 4;
@@ -98,25 +98,21 @@ impl Setup {
     /// The connection configuration: strict mode off, so that every command
     /// the driver issues goes on the wire whatever the server advertised.
     pub fn config(self) -> Config {
-        Config {
-            export_name: if self.named_export {
-                "exp".into()
-            } else {
-                String::new()
-            },
-            opt_mode: self.opt_mode,
-            request_structured_replies: self.structured_replies,
-            request_extended_headers: self.extended_headers,
-            request_block_size: self.block_size,
-            full_info: self.full_info,
-            meta_contexts: META_CONTEXTS.iter().map(|s| s.to_string()).collect(),
-            strict: Strict::NONE,
-            limits: Limits {
-                max_in_flight: if self.few_slots { 3 } else { 64 },
-                ..Limits::default()
-            },
-            ..Config::default()
-        }
+        let mut cfg = Config::default();
+        cfg.export_name = if self.named_export {
+            "exp".into()
+        } else {
+            String::new()
+        };
+        cfg.opt_mode = self.opt_mode;
+        cfg.request_structured_replies = self.structured_replies;
+        cfg.request_extended_headers = self.extended_headers;
+        cfg.request_block_size = self.block_size;
+        cfg.full_info = self.full_info;
+        cfg.meta_contexts = META_CONTEXTS.iter().map(|s| s.to_string()).collect();
+        cfg.strict = Strict::NONE;
+        cfg.limits.max_in_flight = if self.few_slots { 3 } else { 64 };
+        cfg
     }
 }
 
@@ -458,19 +454,29 @@ impl Driver {
                 len,
                 flags,
                 chunks: false,
-            } => c.read(off, BytesMut::zeroed(len), flags),
+            } => c
+                .read(off, BytesMut::zeroed(len), CmdFlags::from_bits(flags))
+                .map_err(UsageError::from),
             Cmd::Read {
                 off,
                 len,
                 flags,
                 chunks: true,
-            } => c.read_with_chunks(off, BytesMut::zeroed(len), flags),
-            Cmd::Write { off, len, flags } => c.write(off, Bytes::from(vec![0xa5; len]), flags),
-            Cmd::Flush => c.flush(0),
-            Cmd::Trim { off, len } => c.trim(off, len, 0),
-            Cmd::Zero { off, len } => c.write_zeroes(off, len, 0),
-            Cmd::Status { off, len, flags } => c.block_status(off, len, flags),
-            Cmd::Cache { off, len } => c.cache(off, len, 0),
+            } => c
+                .read_with_chunks(off, BytesMut::zeroed(len), CmdFlags::from_bits(flags))
+                .map_err(UsageError::from),
+            Cmd::Write { off, len, flags } => c
+                .write(
+                    off,
+                    Bytes::from(vec![0xa5; len]),
+                    CmdFlags::from_bits(flags),
+                )
+                .map_err(UsageError::from),
+            Cmd::Flush => c.flush(CmdFlags::empty()),
+            Cmd::Trim { off, len } => c.trim(off, len, CmdFlags::empty()),
+            Cmd::Zero { off, len } => c.write_zeroes(off, len, CmdFlags::empty()),
+            Cmd::Status { off, len, flags } => c.block_status(off, len, CmdFlags::from_bits(flags)),
+            Cmd::Cache { off, len } => c.cache(off, len, CmdFlags::empty()),
         }
     }
 

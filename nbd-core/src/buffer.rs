@@ -9,11 +9,20 @@ use bytes::{Buf, Bytes, BytesMut};
 /// Receive buffer: one allocation, zeroed once, reused for the life of the
 /// connection. The adapter reads into [`RecvBuffer::spare`] and commits what
 /// it read; the state machine consumes from the front.
-#[derive(Debug)]
 pub(crate) struct RecvBuffer {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+}
+
+impl std::fmt::Debug for RecvBuffer {
+    /// Sizes only: the buffer itself is 256 KiB.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecvBuffer")
+            .field("buffered", &self.len())
+            .field("capacity", &self.buf.len())
+            .finish()
+    }
 }
 
 impl RecvBuffer {
@@ -101,13 +110,24 @@ impl Segment {
 /// built in a scratch buffer, and write payloads as the caller's own `Bytes`
 /// (no copy), so the adapter can send everything with one vectored write and
 /// steady-state traffic allocates nothing.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct SendQueue {
     segments: VecDeque<Segment>,
     scratch: BytesMut,
     queued: usize,
     /// Part of a message has been sent and the rest has not.
     mid_message: bool,
+}
+
+impl std::fmt::Debug for SendQueue {
+    /// Counts only: write payloads may be megabytes.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendQueue")
+            .field("segments", &self.segments.len())
+            .field("queued_bytes", &self.queued)
+            .field("mid_message", &self.mid_message)
+            .finish()
+    }
 }
 
 impl SendQueue {
@@ -254,5 +274,16 @@ mod tests {
         q.push_message(|b| b.extend_from_slice(&[5; 16]));
         q.advance(8);
         assert!(q.mid_message(), "an option message cut short");
+    }
+
+    #[test]
+    fn debug_shows_sizes_not_bytes() {
+        let r = RecvBuffer::new(256 * 1024);
+        assert!(format!("{r:?}").len() < 100);
+        let mut q = SendQueue::with_capacity(4);
+        q.push_header(&[1; 28]);
+        q.push_payload(Bytes::from(vec![2; 1 << 20]));
+        let s = format!("{q:?}");
+        assert!(s.len() < 100 && s.contains("1048604"), "{s}");
     }
 }

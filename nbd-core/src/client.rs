@@ -11,6 +11,7 @@ use crate::error::ProtocolError;
 use crate::event::{CloseReason, Event, ExportInfo, Protocol};
 use crate::negotiate::{AutoStep, State};
 use crate::transmit::Transmission;
+use crate::wire::reply::HeaderMode;
 
 /// Size of the receive buffer: large enough for any message the core
 /// buffers whole (option replies are capped well below it), and for many
@@ -19,6 +20,7 @@ const RECV_BUFFER_LEN: usize = 256 * 1024;
 
 /// Where the connection is in its life (libnbd's public states).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Phase {
     /// Handshake or an option exchange is in progress.
     Connecting,
@@ -60,7 +62,6 @@ impl Phase {
 /// After every input and every command, drain all output before waiting on
 /// the socket again. Commands (`opt_*`, `read`, `write`, ...) only queue
 /// work and return at once.
-#[derive(Debug)]
 pub struct Connection {
     pub(crate) cfg: Config,
     pub(crate) state: State,
@@ -68,17 +69,36 @@ pub struct Connection {
     pub(crate) rx: RecvBuffer,
     pub(crate) tx: SendQueue,
     pub(crate) events: VecDeque<Event>,
-    pub(crate) close_reason: Option<CloseReason>,
     pub(crate) protocol: Option<Protocol>,
     pub(crate) server_handshake_flags: u16,
     pub(crate) client_flags: u32,
     pub(crate) tls_on: bool,
-    pub(crate) structured: bool,
-    pub(crate) extended: bool,
+    /// Which reply headers the server agreed to (simple until an option
+    /// upgrades it; reset by STARTTLS).
+    pub(crate) header_mode: HeaderMode,
     pub(crate) info: Option<ExportInfo>,
     pub(crate) contexts: Vec<(u32, String)>,
     pub(crate) contexts_export: Option<String>,
     pub(crate) xmit: Transmission,
+}
+
+impl std::fmt::Debug for Connection {
+    /// The state and the counts, not the buffers (the receive buffer alone
+    /// is 256 KiB).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("phase", &self.phase())
+            .field("state", &self.state.name())
+            .field("header_mode", &self.header_mode)
+            .field("protocol", &self.protocol)
+            .field("export", &self.info.as_ref().map(|i| (&i.name, i.size)))
+            .field("in_flight", &self.xmit.in_flight())
+            .field("received_bytes", &self.rx.len())
+            .field("queued_bytes", &self.tx.len())
+            .field("events", &self.events.len())
+            .field("close_reason", &self.close_reason())
+            .finish()
+    }
 }
 
 impl Connection {
@@ -95,13 +115,11 @@ impl Connection {
             rx: RecvBuffer::new(RECV_BUFFER_LEN),
             tx,
             events: VecDeque::with_capacity(128),
-            close_reason: None,
             protocol: None,
             server_handshake_flags: 0,
             client_flags: 0,
             tls_on: false,
-            structured: false,
-            extended: false,
+            header_mode: HeaderMode::Simple,
             info: None,
             contexts: Vec::new(),
             contexts_export: None,
@@ -194,23 +212,32 @@ impl Connection {
     }
 
     /// Reports that the server closed its end (a read returned 0).
+    ///
+    /// The reason depends on what was going on: [`CloseReason::Disconnected`]
+    /// after [`Connection::disconnect`] once every request completed,
+    /// [`CloseReason::ServerClosed`] otherwise in the transmission phase
+    /// (counting the requests lost), [`CloseReason::ServerKilledConnection`]
+    /// before it.
     pub fn handle_eof(&mut self) {
         if self.is_finished() {
             return;
         }
-        let reason = self.eof_reason();
+        let reason = self.end_reason(None);
         self.close(reason);
     }
 
     /// Reports that the transport failed (an I/O error other than
-    /// would-block); the connection is over.
+    /// would-block, such as a reset); the connection is over. Once the
+    /// client asked for the end (`NBD_OPT_ABORT`, or `NBD_CMD_DISC` with
+    /// every request completed), this is the expected end and the reason
+    /// is clean, as for [`Connection::handle_eof`]; otherwise it is
+    /// [`CloseReason::ServerClosed`] in the transmission phase and
+    /// [`CloseReason::Transport`] before it.
     pub fn handle_transport_error(&mut self, message: impl Into<String>) {
-        // Rule 23: once NBD_OPT_ABORT is sent, however the server ends the
-        // connection is the expected end (nbd-server 3.24 resets it).
-        let reason = match self.eof_reason() {
-            CloseReason::Aborted => CloseReason::Aborted,
-            _ => CloseReason::Transport(message.into()),
-        };
+        if self.is_finished() {
+            return;
+        }
+        let reason = self.end_reason(Some(message.into()));
         self.close(reason);
     }
 
@@ -298,23 +325,26 @@ impl Connection {
 
     /// The connection's public phase.
     pub fn phase(&self) -> Phase {
-        match (&self.state, &self.close_reason) {
-            (State::Closed, Some(r)) if r.is_clean() => Phase::Closed,
-            (State::Closed, _) => Phase::Dead,
-            (State::Negotiating, _) => Phase::Negotiating,
-            (State::Transmission, _) => Phase::Ready,
+        match &self.state {
+            State::Closed(r) if r.is_clean() => Phase::Closed,
+            State::Closed(_) => Phase::Dead,
+            State::Negotiating => Phase::Negotiating,
+            State::Transmission => Phase::Ready,
             _ => Phase::Connecting,
         }
     }
 
     /// True once the connection has ended (closed or dead).
     pub fn is_finished(&self) -> bool {
-        matches!(self.state, State::Closed)
+        matches!(self.state, State::Closed(_))
     }
 
     /// Why the connection ended, once it has.
     pub fn close_reason(&self) -> Option<&CloseReason> {
-        self.close_reason.as_ref()
+        match &self.state {
+            State::Closed(r) => Some(r),
+            _ => None,
+        }
     }
 
     /// The configuration in force.
@@ -333,14 +363,24 @@ impl Connection {
         self.info.as_ref()
     }
 
-    /// Whether structured replies are in use (also true with extended headers).
-    pub fn structured_replies_negotiated(&self) -> bool {
-        self.structured || self.extended
+    /// Which reply headers were negotiated so far: [`HeaderMode::Simple`]
+    /// until the server acknowledges `NBD_OPT_STRUCTURED_REPLY` or
+    /// `NBD_OPT_EXTENDED_HEADERS`. Fixed once the transmission phase
+    /// begins; use it to know which replies and commands to expect.
+    pub fn header_mode(&self) -> HeaderMode {
+        self.header_mode
     }
 
-    /// Whether extended headers are in use.
+    /// Whether structured replies are in use (also true with extended
+    /// headers); derived from [`Connection::header_mode`].
+    pub fn structured_replies_negotiated(&self) -> bool {
+        self.header_mode != HeaderMode::Simple
+    }
+
+    /// Whether extended headers are in use; derived from
+    /// [`Connection::header_mode`].
     pub fn extended_headers_negotiated(&self) -> bool {
-        self.extended
+        self.header_mode == HeaderMode::Extended
     }
 
     /// Whether TLS was started on this connection.
@@ -392,11 +432,7 @@ impl Connection {
             if self.is_finished() {
                 return;
             }
-            let progressed = match self.state {
-                State::Transmission => self.step_transmission(),
-                _ => self.step_negotiation(),
-            };
-            match progressed {
+            match self.step() {
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) => {
@@ -418,11 +454,10 @@ impl Connection {
         if self.is_finished() {
             return;
         }
-        self.state = State::Closed;
         let why = reason.to_string();
         self.xmit.fail_all(&why, &mut self.events);
         self.rx.consume(usize::MAX);
-        self.close_reason = Some(reason.clone());
-        self.events.push_back(Event::Closed(reason));
+        self.events.push_back(Event::Closed(reason.clone()));
+        self.state = State::Closed(reason);
     }
 }

@@ -6,6 +6,7 @@ use crate::consts::{client_flags, CONTEXT_BASE_ALLOCATION};
 /// Whether to use TLS (the TLS itself is done by the adapter when the core
 /// emits [`crate::Event::StartTls`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum TlsMode {
     /// Never send `NBD_OPT_STARTTLS` (libnbd's default).
     #[default]
@@ -69,7 +70,19 @@ impl std::ops::Sub for Strict {
 }
 
 /// Bounds on what a server can make the client hold in memory.
+///
+/// New limits may be added, so build one from the defaults and change the
+/// fields you care about (a struct literal does not compile outside this
+/// crate):
+///
+/// ```
+/// let mut limits = nbd_core::Limits::default();
+/// limits.max_in_flight = 16;
+/// let mut cfg = nbd_core::Config::default();
+/// cfg.limits = limits;
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Most requests in flight at once (nbdcopy uses 64).
     pub max_in_flight: usize,
@@ -102,7 +115,19 @@ impl Default for Limits {
 
 /// Everything a connection negotiates and enforces; build it before
 /// creating a [`crate::Connection`]. Defaults follow libnbd's.
+///
+/// New settings may be added, so start from [`Config::default`] and change
+/// the fields you need (`Config { opt_mode: true, ..Config::default() }`
+/// does not compile outside this crate):
+///
+/// ```
+/// let mut cfg = nbd_core::Config::default();
+/// cfg.opt_mode = true;
+/// cfg.export_name = "disk".into();
+/// let conn = nbd_core::Connection::new(cfg);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Config {
     /// Export to select (empty = the server's default export).
     pub export_name: String,

@@ -7,6 +7,7 @@ use std::fmt;
 
 use crate::consts::{errno, rep};
 use crate::event::OptionKind;
+use crate::wire::reply::HeaderMode;
 use crate::wire::WireError;
 
 /// Escapes text from the server for display: control characters and
@@ -93,15 +94,171 @@ pub enum ProtocolError {
     /// A reply named a cookie that is not in flight.
     #[error("reply for unknown cookie {0:#x}")]
     UnknownCookie(u64),
-    /// A reply's contents contradict its request (see the message).
-    #[error("reply to {command} (cookie {cookie:#x}): {what}")]
-    BadReply {
+    /// A chunk header announced a payload longer than any legal chunk of
+    /// its type can be for the request (spec "Structured reply chunk
+    /// message"); caught on the header, before any payload is awaited.
+    #[error("reply to cookie {cookie:#x}: chunk of type {chunk_type} announces {length} bytes, at most {limit} are possible")]
+    ChunkTooLong {
+        /// Cookie of the request.
+        cookie: u64,
+        /// Chunk type.
+        chunk_type: u16,
+        /// Length announced.
+        length: u64,
+        /// Longest legal length.
+        limit: u64,
+    },
+    /// A chunk type the request cannot receive: unknown, or meant for
+    /// another command (spec "Structured reply types": a client MUST
+    /// treat an unexpected non-error type as a protocol violation).
+    #[error("reply to {command} (cookie {cookie:#x}): unexpected chunk type {chunk_type}")]
+    UnexpectedChunkType {
         /// Command name.
         command: &'static str,
         /// Cookie of the request.
         cookie: u64,
-        /// What was wrong.
-        what: String,
+        /// Chunk type received.
+        chunk_type: u16,
+    },
+    /// A block status chunk type that belongs to the other header mode
+    /// (`NBD_REPLY_TYPE_BLOCK_STATUS` needs compact headers,
+    /// `NBD_REPLY_TYPE_BLOCK_STATUS_EXT` extended headers).
+    #[error("reply to cookie {cookie:#x}: chunk type {chunk_type} is not allowed in {} mode", .mode.name())]
+    ChunkTypeWrongMode {
+        /// Cookie of the request.
+        cookie: u64,
+        /// Chunk type received.
+        chunk_type: u16,
+        /// The negotiated header mode.
+        mode: HeaderMode,
+    },
+    /// `NBD_REPLY_TYPE_NONE` with a payload, or without `NBD_REPLY_FLAG_DONE`.
+    #[error("reply to cookie {cookie:#x}: NBD_REPLY_TYPE_NONE with {length} payload bytes, done flag {done}")]
+    BadNoneChunk {
+        /// Cookie of the request.
+        cookie: u64,
+        /// Payload length announced.
+        length: u64,
+        /// Whether `NBD_REPLY_FLAG_DONE` was set.
+        done: bool,
+    },
+    /// An extended reply header echoed another offset than the request's.
+    #[error("reply to cookie {cookie:#x}: extended reply offset {got} differs from the request's {expected}")]
+    ReplyOffsetMismatch {
+        /// Cookie of the request.
+        cookie: u64,
+        /// The request's offset.
+        expected: u64,
+        /// The offset in the reply header.
+        got: u64,
+    },
+    /// A simple reply with data answered a read although structured
+    /// replies were negotiated (spec: the server MUST use structured
+    /// replies for reads then).
+    #[error("reply to cookie {cookie:#x}: simple reply with data to a read in structured mode")]
+    SimpleReplyToStructuredRead {
+        /// Cookie of the read.
+        cookie: u64,
+    },
+    /// A read chunk (data or hole) reaches outside the request.
+    #[error("reply to cookie {cookie:#x}: chunk at offset {offset} length {length} lies outside the request ({request_offset}+{request_length})")]
+    ChunkOutOfRange {
+        /// Cookie of the read.
+        cookie: u64,
+        /// Chunk offset.
+        offset: u64,
+        /// Chunk length.
+        length: u64,
+        /// The request's offset.
+        request_offset: u64,
+        /// The request's length.
+        request_length: u64,
+    },
+    /// A read chunk overlaps one received before (the spec forbids
+    /// sending any byte twice).
+    #[error("reply to cookie {cookie:#x}: chunk at offset {offset} length {length} overlaps an earlier chunk")]
+    ChunkOverlap {
+        /// Cookie of the read.
+        cookie: u64,
+        /// Chunk offset.
+        offset: u64,
+        /// Chunk length.
+        length: u64,
+    },
+    /// A read with `NBD_CMD_FLAG_DF` got more than one content chunk.
+    #[error("reply to cookie {cookie:#x}: more than one content chunk for a read with DF")]
+    FragmentedDfRead {
+        /// Cookie of the read.
+        cookie: u64,
+    },
+    /// A successful read ended (`NBD_REPLY_FLAG_DONE`) without its whole
+    /// range covered by data and holes.
+    #[error(
+        "reply to cookie {cookie:#x}: read completed but covers only {covered} of {length} bytes"
+    )]
+    ReadIncomplete {
+        /// Cookie of the read.
+        cookie: u64,
+        /// Bytes covered.
+        covered: u64,
+        /// Bytes requested.
+        length: u64,
+    },
+    /// An `NBD_REPLY_TYPE_ERROR_OFFSET` offset outside the request.
+    #[error("reply to cookie {cookie:#x}: error offset {offset} lies outside the request")]
+    ErrorOffsetOutOfRange {
+        /// Cookie of the request.
+        cookie: u64,
+        /// The offset given.
+        offset: u64,
+    },
+    /// Block status for a context id that was not negotiated.
+    #[error("reply to cookie {cookie:#x}: block status for unknown context id {context}")]
+    UnknownContextId {
+        /// Cookie of the request.
+        cookie: u64,
+        /// The context id.
+        context: u32,
+    },
+    /// Two block status chunks for the same context in one reply.
+    #[error("reply to cookie {cookie:#x}: two block status chunks for context {context}")]
+    DuplicateContext {
+        /// Cookie of the request.
+        cookie: u64,
+        /// The context id.
+        context: u32,
+    },
+    /// A block status chunk without any extent.
+    #[error("reply to cookie {cookie:#x}: block status chunk without extents")]
+    NoExtents {
+        /// Cookie of the request.
+        cookie: u64,
+    },
+    /// `NBD_CMD_FLAG_REQ_ONE` answered with more than one extent, or with
+    /// one longer than the request.
+    #[error("reply to cookie {cookie:#x}: REQ_ONE answered with {count} extents, the first {first_length} bytes long, for a request of {request_length}")]
+    ReqOneViolated {
+        /// Cookie of the request.
+        cookie: u64,
+        /// Extents received.
+        count: usize,
+        /// Length of the first extent.
+        first_length: u64,
+        /// The request's length.
+        request_length: u64,
+    },
+    /// Extents before the last one already cover the whole request (only
+    /// the last extent may reach past its end).
+    #[error("reply to cookie {cookie:#x}: extents run past the request: the first {count} sum to {sum}, the request has {request_length}")]
+    ExtentsPastRequest {
+        /// Cookie of the request.
+        cookie: u64,
+        /// Extents before the last.
+        count: usize,
+        /// Their total length.
+        sum: u64,
+        /// The request's length.
+        request_length: u64,
     },
     /// The server sent data when the client expected none.
     #[error("server sent {0} unexpected bytes")]
@@ -198,8 +355,11 @@ impl RepError {
     }
 }
 
-/// The server refused an option: its error type and its message.
+/// The server refused an option: its error type and its message. Built by
+/// the connection (fields may be added); read it in
+/// [`crate::Event::OptionError`] and [`crate::CloseReason::NegotiationFailed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct OptionError {
     /// Error type.
     pub reply: RepError,
@@ -389,4 +549,65 @@ pub enum UsageError {
     /// The meta context is not negotiated.
     #[error("meta context {0:?} was not negotiated")]
     UnknownContext(String),
+}
+
+/// A command that carries a buffer was refused: the [`UsageError`] says
+/// why, and the buffer comes back unchanged so the caller can reuse it.
+///
+/// Returned by [`crate::Connection::read`] and
+/// [`crate::Connection::read_with_chunks`] (`Refused<BytesMut>`) and by
+/// [`crate::Connection::write`] (`Refused<Bytes>`). Nothing was sent. Match
+/// on [`Refused::error`], take both parts with [`Refused::into_parts`], or
+/// turn it into the plain [`UsageError`] with `?`/`From` when the buffer
+/// is not wanted.
+pub struct Refused<B> {
+    /// Why the command was refused.
+    pub error: UsageError,
+    /// The caller's buffer, handed back.
+    pub buffer: B,
+}
+
+impl<B> Refused<B> {
+    /// Why the command was refused.
+    pub fn error(&self) -> &UsageError {
+        &self.error
+    }
+
+    /// The error and the buffer.
+    pub fn into_parts(self) -> (UsageError, B) {
+        (self.error, self.buffer)
+    }
+
+    /// The buffer, dropping the error.
+    pub fn into_buffer(self) -> B {
+        self.buffer
+    }
+}
+
+impl<B: AsRef<[u8]>> fmt::Debug for Refused<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The buffer may be megabytes: show its size, not its bytes.
+        f.debug_struct("Refused")
+            .field("error", &self.error)
+            .field("buffer_len", &self.buffer.as_ref().len())
+            .finish()
+    }
+}
+
+impl<B> fmt::Display for Refused<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.error, f)
+    }
+}
+
+impl<B: AsRef<[u8]>> std::error::Error for Refused<B> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl<B> From<Refused<B>> for UsageError {
+    fn from(r: Refused<B>) -> UsageError {
+        r.error
+    }
 }

@@ -80,6 +80,7 @@ pub struct Cookie(pub u64);
 
 /// The handshake style the server used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Protocol {
     /// Oldstyle: no options, straight to transmission.
     Oldstyle,
@@ -132,7 +133,11 @@ impl BlockSize {
 
 /// What the server told about an export (from GO, INFO, EXPORT_NAME or an
 /// oldstyle greeting).
+///
+/// Fields may be added; it is built by the connection, read it with the
+/// fields and the `can_*`/`is_*` methods.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub struct ExportInfo {
     /// The name the client asked for.
     pub name: String,
@@ -208,8 +213,10 @@ pub enum CloseReason {
     Aborted,
     /// The client sent `NBD_CMD_DISC` and the server closed.
     Disconnected,
-    /// The server closed the connection when the protocol did not allow it
-    /// (for example after a failed option, or in the middle of a reply).
+    /// The server closed the connection during the handshake or option
+    /// negotiation, when the protocol did not allow it (for example after
+    /// a failed option). Transmission-phase ends are
+    /// [`CloseReason::ServerClosed`].
     ServerKilledConnection {
         /// What the client was waiting for.
         during: String,
@@ -226,14 +233,75 @@ pub enum CloseReason {
     },
     /// TLS was required but the server cannot do it.
     TlsRequired(String),
-    /// The transport failed (reported by the adapter).
+    /// The server ended the transmission phase before the client sent
+    /// `NBD_CMD_DISC`: it closed the connection, or the transport failed
+    /// (for example a reset) as reported by the adapter. The requests in
+    /// flight, `lost` of them, completed with
+    /// [`crate::CommandError::ConnectionClosed`].
+    ///
+    /// With `lost == 0` nothing was lost: every request the caller issued
+    /// had completed, so a finished job is still finished. Ask
+    /// [`CloseReason::is_loss`]; [`crate::Connection::disconnect`] on such
+    /// a connection returns `Ok(())`.
+    ServerClosed {
+        /// Requests in flight that the end failed.
+        lost: usize,
+        /// The adapter's transport error, when the end was one (`None`
+        /// for a plain end of file).
+        transport_error: Option<String>,
+    },
+    /// The transport failed (reported by the adapter) before the
+    /// transmission phase.
     Transport(String),
 }
 
 impl CloseReason {
-    /// True for the orderly ends (abort and disconnect).
+    /// True for the orderly ends the client asked for and the server
+    /// honoured: [`CloseReason::Aborted`] (after `NBD_OPT_ABORT`) and
+    /// [`CloseReason::Disconnected`] (after `NBD_CMD_DISC`, with every
+    /// request completed). These are the ends that give
+    /// [`crate::Phase::Closed`]; every other reason gives
+    /// [`crate::Phase::Dead`]. Use it to tell "we hung up" from "something
+    /// ended the connection".
     pub fn is_clean(&self) -> bool {
         matches!(self, CloseReason::Aborted | CloseReason::Disconnected)
+    }
+
+    /// True if the end cost the caller something: requests that failed
+    /// because the connection ended, or a connection that never became
+    /// usable (protocol violations, refused negotiation, TLS, transport or
+    /// handshake failures). False for the clean ends and for
+    /// [`CloseReason::ServerClosed`] with nothing in flight. Use it when
+    /// deciding whether a job whose requests all completed may be
+    /// reported as a success although the server hung up first.
+    pub fn is_loss(&self) -> bool {
+        match self {
+            CloseReason::Aborted | CloseReason::Disconnected => false,
+            CloseReason::ServerClosed { lost, .. } => *lost > 0,
+            _ => true,
+        }
+    }
+
+    /// How many requests in flight the end failed, when the reason knows
+    /// it: `Some(0)` for the clean ends, `Some(lost)` for
+    /// [`CloseReason::ServerClosed`], `None` otherwise (the requests in
+    /// flight, if any, completed with an error all the same).
+    pub fn lost_requests(&self) -> Option<usize> {
+        match self {
+            CloseReason::Aborted | CloseReason::Disconnected => Some(0),
+            CloseReason::ServerClosed { lost, .. } => Some(*lost),
+            _ => None,
+        }
+    }
+}
+
+impl std::error::Error for CloseReason {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            CloseReason::Protocol(e) => Some(e),
+            CloseReason::NegotiationFailed { error, .. } => Some(error),
+            _ => None,
+        }
     }
 }
 
@@ -249,6 +317,25 @@ impl fmt::Display for CloseReason {
             CloseReason::NegotiationFailed { option, error } => {
                 write!(f, "{option} failed: {error}")
             }
+            CloseReason::ServerClosed {
+                lost,
+                transport_error,
+            } => {
+                match lost {
+                    0 => {
+                        f.write_str("server closed the connection while no request was in flight")?
+                    }
+                    1 => f.write_str("server closed the connection with 1 request in flight")?,
+                    n => write!(
+                        f,
+                        "server closed the connection with {n} requests in flight"
+                    )?,
+                }
+                match transport_error {
+                    Some(e) => write!(f, " (transport error: {e})"),
+                    None => Ok(()),
+                }
+            }
             CloseReason::TlsRequired(m) => write!(f, "TLS required: {m}"),
             CloseReason::Transport(m) => write!(f, "transport error: {m}"),
         }
@@ -259,6 +346,7 @@ pub use crate::wire::reply::Extent;
 
 /// Kind of a structured read chunk, reported when the read asked for chunk events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ReadChunkKind {
     /// `NBD_REPLY_TYPE_OFFSET_DATA` (or a simple reply's payload).
     Data,

@@ -28,8 +28,9 @@
 //!   (copying); [`Connection::handle_eof`] when the server closes.
 //! - **Commands** queue work and return at once: `opt_list`, `opt_info`,
 //!   `opt_go`, ... in option mode; [`Connection::read`],
-//!   [`Connection::write`], ... once ready. Misuse is a [`UsageError`]
-//!   returned at once, never a panic.
+//!   [`Connection::write`], ... once ready, with [`CmdFlags`]. Misuse is a
+//!   [`UsageError`] returned at once, never a panic; a refused read or
+//!   write hands its buffer back in a [`Refused`].
 //! - **Output**: bytes to send ([`Connection::transmit_slices`] for vectored
 //!   writes, then [`Connection::transmitted`]), then [`Connection::poll_event`].
 //!   After every input and every command, drain all output before waiting
@@ -37,7 +38,7 @@
 //!
 //! ## The driving loop
 //! ```
-//! use nbd_core::{Config, Connection, Event};
+//! use nbd_core::{CmdFlags, Config, Connection, Event};
 //! # fn server_bytes() -> Vec<u8> { Vec::new() }
 //! let mut conn = Connection::new(Config::default());
 //! let mut to_server = Vec::new();
@@ -57,15 +58,13 @@
 //! ```
 //! use bytes::BytesMut;
 //! use nbd_core::consts::{self, handshake_flags, info, opt, rep, transmission_flags};
-//! use nbd_core::{Config, Connection, Event};
+//! use nbd_core::{CmdFlags, Config, Connection, Event};
 //!
 //! // Only NBD_OPT_GO: no extended headers, structured replies or meta contexts.
-//! let cfg = Config {
-//!     request_extended_headers: false,
-//!     request_structured_replies: false,
-//!     request_meta_context: false,
-//!     ..Config::default()
-//! };
+//! let mut cfg = Config::default();
+//! cfg.request_extended_headers = false;
+//! cfg.request_structured_replies = false;
+//! cfg.request_meta_context = false;
 //! let mut conn = Connection::new(cfg);
 //! let mut to_server = Vec::new();
 //!
@@ -111,7 +110,7 @@
 //! assert!(info.can_flush() && !info.is_read_only());
 //!
 //! // Transmission: read 4 bytes at offset 512.
-//! let cookie = conn.read(512, BytesMut::zeroed(4), 0).unwrap();
+//! let cookie = conn.read(512, BytesMut::zeroed(4), CmdFlags::empty()).unwrap();
 //! conn.poll_transmit(&mut to_server);
 //! assert_eq!(to_server.len(), consts::REQUEST_LEN);
 //! assert_eq!(to_server[..4], consts::REQUEST_MAGIC.to_be_bytes());
@@ -134,13 +133,20 @@
 //! ```
 //!
 //! ## Errors
-//! Three kinds: a [`ProtocolError`] (the server broke the protocol; the
-//! connection ends with [`CloseReason::Protocol`], reported once), a
+//! Three kinds: a [`ProtocolError`] (the server broke the protocol, one
+//! variant per rule; the connection ends with [`CloseReason::Protocol`],
+//! reported once), a
 //! [`UsageError`] (the caller asked for something invalid; nothing was
 //! sent), and server-reported errors ([`OptionError`] in
 //! [`Event::OptionError`], [`CommandError`] in [`Event::CommandDone`]), which
 //! leave the connection usable. Every request in flight completes exactly
 //! once, with an error if the connection ends first.
+//!
+//! How the connection ended is one [`CloseReason`]:
+//! [`CloseReason::is_clean`] for the ends the client asked for,
+//! [`CloseReason::is_loss`] to know whether the end cost anything (a server
+//! that hangs up with nothing in flight, [`CloseReason::ServerClosed`] with
+//! `lost == 0`, cost nothing).
 //!
 //! ## Modules
 //! [`consts`] (every number of the spec), [`wire`] (encoders and parsers per
@@ -157,6 +163,7 @@ pub mod config;
 pub mod consts;
 pub mod error;
 pub mod event;
+mod flags;
 mod negotiate;
 mod transmit;
 pub mod uri;
@@ -164,9 +171,13 @@ pub mod wire;
 
 pub use client::{Connection, Phase};
 pub use config::{Config, Limits, Strict, TlsMode};
-pub use error::{CommandError, NbdErrno, OptionError, ProtocolError, RepError, UsageError};
+pub use error::{
+    CommandError, NbdErrno, OptionError, ProtocolError, Refused, RepError, UsageError,
+};
 pub use event::{
     BlockSize, CloseReason, Cookie, Event, ExportInfo, Extent, OptionKind, Protocol, ReadChunkKind,
 };
+pub use flags::CmdFlags;
 pub use transmit::command_name;
 pub use uri::NbdUri;
+pub use wire::reply::HeaderMode;

@@ -15,6 +15,7 @@ use crate::wire::handshake::{
     self, Style, EXPORT_NAME_REPLY_LEN, GREETING_PREFIX_LEN, OLDSTYLE_FIELDS_LEN,
 };
 use crate::wire::option::{self as wopt, InfoReply, OptionReplyHeader};
+use crate::wire::reply::HeaderMode;
 
 /// Longest `NBD_REP_SERVER` payload accepted: a maximal name and a generous
 /// description.
@@ -22,6 +23,9 @@ const MAX_SERVER_REPLY: u32 = 4 + MAX_STRING_LEN as u32 + 65536;
 /// Longest `NBD_REP_INFO` payload buffered; longer ones of unknown type are
 /// skipped without buffering.
 const MAX_INFO_REPLY: u32 = 2 + MAX_STRING_LEN as u32;
+/// Longest `NBD_REP_INFO` payload of an unknown type that is skipped;
+/// longer ones fail on their header (no legal reply needs more).
+const MAX_SKIPPED_INFO: u32 = 1 << 20;
 /// Longest `NBD_REP_META_CONTEXT` payload (id + maximal name).
 const MAX_META_CONTEXT_REPLY: u32 = 4 + MAX_STRING_LEN as u32;
 
@@ -37,15 +41,33 @@ pub(crate) enum State {
     /// Idle between options (option mode).
     Negotiating,
     /// An option was sent; its reply is expected.
-    Option(Pending),
+    /// (Boxed: the state moves on every step, and this is its largest part.)
+    Option(Box<Pending>),
     /// `NBD_OPT_EXPORT_NAME` was sent; its special reply is expected.
     ExportNameReply,
     /// STARTTLS was acknowledged; the adapter runs the TLS handshake.
     Tls,
     /// Transmission phase.
     Transmission,
-    /// Over.
-    Closed,
+    /// Over, for this reason.
+    Closed(CloseReason),
+}
+
+impl State {
+    /// A short name for `Debug` output.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            State::Greeting => "greeting",
+            State::Oldstyle => "oldstyle greeting",
+            State::HandshakeFlags => "handshake flags",
+            State::Negotiating => "negotiating",
+            State::Option(_) => "option reply",
+            State::ExportNameReply => "export name reply",
+            State::Tls => "TLS handshake",
+            State::Transmission => "transmission",
+            State::Closed(_) => "closed",
+        }
+    }
 }
 
 /// Who asked for the option in flight, which decides what happens when it ends.
@@ -55,8 +77,9 @@ pub(crate) enum Origin {
     Auto,
     /// The caller's `opt_*` call: results become events.
     User,
-    /// A SET_META_CONTEXT sent on the caller's behalf before INFO or GO.
-    Before(OptionKind),
+    /// A SET_META_CONTEXT sent on the caller's behalf before INFO
+    /// (`go` false) or GO.
+    Before { go: bool },
 }
 
 /// Next step of the automatic sequence.
@@ -82,36 +105,81 @@ pub(crate) enum ReplyStage {
     Skip(u32),
 }
 
+/// An option answered by an ACK or an error alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PlainOption {
+    /// `NBD_OPT_LIST` (its exports are reported as they arrive).
+    List,
+    Abort,
+    StartTls,
+    StructuredReply,
+    ExtendedHeaders,
+}
+
+impl PlainOption {
+    fn kind(self) -> OptionKind {
+        match self {
+            PlainOption::List => OptionKind::List,
+            PlainOption::Abort => OptionKind::Abort,
+            PlainOption::StartTls => OptionKind::StartTls,
+            PlainOption::StructuredReply => OptionKind::StructuredReply,
+            PlainOption::ExtendedHeaders => OptionKind::ExtendedHeaders,
+        }
+    }
+}
+
+/// The option in flight, with what it gathers from its replies until it
+/// ends.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Plain(PlainOption),
+    /// INFO (`go` false) or GO: what the server said about the export so far.
+    Export {
+        go: bool,
+        info: ExportInfo,
+        asked_block_size: bool,
+        /// Whether `NBD_INFO_EXPORT` arrived.
+        seen: bool,
+    },
+    /// LIST (`set` false) or SET_META_CONTEXT: contexts received so far,
+    /// and the export the request named.
+    Meta {
+        set: bool,
+        list: Vec<(u32, String)>,
+        export: String,
+    },
+}
+
+impl Op {
+    pub(crate) fn kind(&self) -> OptionKind {
+        match self {
+            Op::Plain(o) => o.kind(),
+            Op::Export { go: true, .. } => OptionKind::Go,
+            Op::Export { go: false, .. } => OptionKind::Info,
+            Op::Meta { set: true, .. } => OptionKind::SetMetaContext,
+            Op::Meta { set: false, .. } => OptionKind::ListMetaContext,
+        }
+    }
+}
+
 /// The option in flight.
 #[derive(Debug)]
 pub(crate) struct Pending {
-    pub(crate) kind: OptionKind,
     pub(crate) origin: Origin,
     pub(crate) stage: ReplyStage,
-    /// INFO/GO: the export name and what the server said so far.
-    pub(crate) export: Option<ExportInfo>,
-    pub(crate) asked_block_size: bool,
-    /// INFO/GO: whether `NBD_INFO_EXPORT` arrived.
-    pub(crate) export_seen: bool,
-    /// LIST/SET_META_CONTEXT: contexts received so far.
-    pub(crate) contexts: Vec<(u32, String)>,
-    /// SET_META_CONTEXT: the export it named.
-    pub(crate) context_export: String,
+    pub(crate) op: Op,
 }
 
-impl Pending {
-    fn new(kind: OptionKind, origin: Origin) -> Self {
-        Pending {
-            kind,
-            origin,
-            stage: ReplyStage::Header,
-            export: None,
-            asked_block_size: false,
-            export_seen: false,
-            contexts: Vec::new(),
-            context_export: String::new(),
-        }
-    }
+/// How one step over the reply to the option in flight ended.
+enum OptionStep {
+    /// More bytes are needed.
+    More,
+    /// Part of the reply was consumed; the option is still in flight.
+    Progress,
+    /// `NBD_REP_ACK`: the option succeeded.
+    Acked,
+    /// An error reply: the option failed.
+    Failed(OptionError),
 }
 
 fn check_string(what: &'static str, s: &str) -> Result<(), UsageError> {
@@ -191,7 +259,7 @@ impl Connection {
     pub fn opt_list(&mut self) -> Result<(), UsageError> {
         self.need_negotiating("opt_list")?;
         self.need_fixed("listing exports")?;
-        self.send_option(OptionKind::List, &[], Origin::User);
+        self.send_option(PlainOption::List, Origin::User);
         Ok(())
     }
 
@@ -201,7 +269,7 @@ impl Connection {
     pub fn opt_info(&mut self) -> Result<(), UsageError> {
         self.need_negotiating("opt_info")?;
         self.need_fixed("NBD_OPT_INFO")?;
-        self.start_info_or_go(OptionKind::Info);
+        self.start_info_or_go(false);
         Ok(())
     }
 
@@ -215,7 +283,7 @@ impl Connection {
         if self.protocol == Some(Protocol::Newstyle) {
             self.send_export_name();
         } else {
-            self.start_info_or_go(OptionKind::Go);
+            self.start_info_or_go(true);
         }
         Ok(())
     }
@@ -229,7 +297,7 @@ impl Connection {
             self.close(CloseReason::Aborted);
             return Ok(());
         }
-        self.send_option(OptionKind::Abort, &[], Origin::User);
+        self.send_option(PlainOption::Abort, Origin::User);
         Ok(())
     }
 
@@ -238,12 +306,12 @@ impl Connection {
     pub fn opt_structured_reply(&mut self) -> Result<(), UsageError> {
         self.need_negotiating("opt_structured_reply")?;
         self.need_fixed("NBD_OPT_STRUCTURED_REPLY")?;
-        if self.structured || self.extended {
+        if self.header_mode != HeaderMode::Simple {
             self.events
                 .push_back(Event::OptionSucceeded(OptionKind::StructuredReply));
             return Ok(());
         }
-        self.send_option(OptionKind::StructuredReply, &[], Origin::User);
+        self.send_option(PlainOption::StructuredReply, Origin::User);
         Ok(())
     }
 
@@ -252,12 +320,12 @@ impl Connection {
     pub fn opt_extended_headers(&mut self) -> Result<(), UsageError> {
         self.need_negotiating("opt_extended_headers")?;
         self.need_fixed("NBD_OPT_EXTENDED_HEADERS")?;
-        if self.extended {
+        if self.header_mode == HeaderMode::Extended {
             self.events
                 .push_back(Event::OptionSucceeded(OptionKind::ExtendedHeaders));
             return Ok(());
         }
-        self.send_option(OptionKind::ExtendedHeaders, &[], Origin::User);
+        self.send_option(PlainOption::ExtendedHeaders, Origin::User);
         Ok(())
     }
 
@@ -272,7 +340,7 @@ impl Connection {
                 "TLS is already running (rule 55)".into(),
             ));
         }
-        self.send_option(OptionKind::StartTls, &[], Origin::User);
+        self.send_option(PlainOption::StartTls, Origin::User);
         Ok(())
     }
 
@@ -288,7 +356,7 @@ impl Connection {
         for q in queries {
             check_query(q.as_ref())?;
         }
-        self.send_meta_option(OptionKind::ListMetaContext, queries, Origin::User);
+        self.send_meta_option(false, queries, Origin::User);
         Ok(())
     }
 
@@ -300,7 +368,7 @@ impl Connection {
         for q in queries {
             check_query(q.as_ref())?;
         }
-        self.send_meta_option(OptionKind::SetMetaContext, queries, Origin::User);
+        self.send_meta_option(true, queries, Origin::User);
         Ok(())
     }
 
@@ -315,8 +383,7 @@ impl Connection {
             });
         }
         self.tls_on = true;
-        self.structured = false;
-        self.extended = false;
+        self.header_mode = HeaderMode::Simple;
         self.contexts.clear();
         self.contexts_export = None;
         self.state = State::Negotiating;
@@ -331,41 +398,53 @@ impl Connection {
 
     // ----- sending -----
 
-    fn send_option(&mut self, kind: OptionKind, data: &[u8], origin: Origin) {
-        self.tx
-            .push_message(|b| wopt::encode_option(kind.code(), data, b));
-        self.state = State::Option(Pending::new(kind, origin));
+    fn send_option(&mut self, o: PlainOption, origin: Origin) {
+        self.send_op(Op::Plain(o), &[], origin);
     }
 
-    fn send_meta_option<S: AsRef<str>>(&mut self, kind: OptionKind, queries: &[S], origin: Origin) {
+    fn send_op(&mut self, op: Op, data: &[u8], origin: Origin) {
+        let code = op.kind().code();
+        self.tx.push_message(|b| wopt::encode_option(code, data, b));
+        self.state = State::Option(Box::new(Pending {
+            origin,
+            stage: ReplyStage::Header,
+            op,
+        }));
+    }
+
+    /// Sends LIST_META_CONTEXT (`set` false) or SET_META_CONTEXT.
+    fn send_meta_option<S: AsRef<str>>(&mut self, set: bool, queries: &[S], origin: Origin) {
         let mut data = bytes::BytesMut::new();
-        let name = self.cfg.export_name.clone();
-        wopt::encode_meta_context_request(&name, queries, &mut data);
-        self.send_option(kind, &data, origin);
-        if let State::Option(p) = &mut self.state {
-            p.context_export = name;
-        }
+        let export = self.cfg.export_name.clone();
+        wopt::encode_meta_context_request(&export, queries, &mut data);
+        let op = Op::Meta {
+            set,
+            list: Vec::new(),
+            export,
+        };
+        self.send_op(op, &data, origin);
     }
 
     fn want_auto_meta(&self) -> bool {
         self.cfg.request_meta_context
             && !self.cfg.meta_contexts.is_empty()
-            && (self.structured || self.extended)
+            && self.header_mode != HeaderMode::Simple
     }
 
-    fn start_info_or_go(&mut self, kind: OptionKind) {
+    /// INFO (`go` false) or GO, after SET_META_CONTEXT if contexts are wanted.
+    fn start_info_or_go(&mut self, go: bool) {
         if self.want_auto_meta() {
             let queries = self.cfg.meta_contexts.clone();
-            self.send_meta_option(OptionKind::SetMetaContext, &queries, Origin::Before(kind));
+            self.send_meta_option(true, &queries, Origin::Before { go });
         } else {
-            self.send_info_or_go(kind, Origin::User, self.cfg.request_block_size);
+            self.send_info_or_go(go, Origin::User, self.cfg.request_block_size);
         }
     }
 
-    fn send_info_or_go(&mut self, kind: OptionKind, origin: Origin, block_size: bool) {
+    fn send_info_or_go(&mut self, go: bool, origin: Origin, block_size: bool) {
         let mut infos = Vec::with_capacity(3);
         // Extended headers: always ask for block sizes (spec §2.3.10).
-        let block_size = block_size || self.extended;
+        let block_size = block_size || self.header_mode == HeaderMode::Extended;
         if block_size {
             infos.push(info::BLOCK_SIZE);
         }
@@ -375,15 +454,16 @@ impl Connection {
         }
         let mut data = bytes::BytesMut::new();
         wopt::encode_info_request(&self.cfg.export_name, &infos, &mut data);
-        self.send_option(kind, &data, origin);
-        let name = self.cfg.export_name.clone();
-        if let State::Option(p) = &mut self.state {
-            p.asked_block_size = block_size;
-            p.export = Some(ExportInfo {
-                name,
+        let op = Op::Export {
+            go,
+            info: ExportInfo {
+                name: self.cfg.export_name.clone(),
                 ..ExportInfo::default()
-            });
-        }
+            },
+            asked_block_size: block_size,
+            seen: false,
+        };
+        self.send_op(op, &data, origin);
     }
 
     fn send_export_name(&mut self) {
@@ -411,7 +491,7 @@ impl Connection {
                 AutoStep::StartTls => {
                     self.auto = AutoStep::ExtendedHeaders;
                     if self.cfg.tls != TlsMode::Disable && !self.tls_on {
-                        self.send_option(OptionKind::StartTls, &[], Origin::Auto);
+                        self.send_option(PlainOption::StartTls, Origin::Auto);
                         return;
                     }
                 }
@@ -419,16 +499,17 @@ impl Connection {
                     self.auto = AutoStep::StructuredReply;
                     if self.cfg.request_structured_replies
                         && self.cfg.request_extended_headers
-                        && !self.extended
+                        && self.header_mode != HeaderMode::Extended
                     {
-                        self.send_option(OptionKind::ExtendedHeaders, &[], Origin::Auto);
+                        self.send_option(PlainOption::ExtendedHeaders, Origin::Auto);
                         return;
                     }
                 }
                 AutoStep::StructuredReply => {
                     self.auto = AutoStep::Pause;
-                    if self.cfg.request_structured_replies && !self.extended && !self.structured {
-                        self.send_option(OptionKind::StructuredReply, &[], Origin::Auto);
+                    if self.cfg.request_structured_replies && self.header_mode == HeaderMode::Simple
+                    {
+                        self.send_option(PlainOption::StructuredReply, Origin::Auto);
                         return;
                     }
                 }
@@ -444,14 +525,14 @@ impl Connection {
                     self.auto = AutoStep::Go;
                     if self.want_auto_meta() {
                         let q = self.cfg.meta_contexts.clone();
-                        self.send_meta_option(OptionKind::SetMetaContext, &q, Origin::Auto);
+                        self.send_meta_option(true, &q, Origin::Auto);
                         return;
                     }
                 }
                 AutoStep::Go => {
                     self.auto = AutoStep::Done;
                     let bs = self.cfg.request_block_size;
-                    self.send_info_or_go(OptionKind::Go, Origin::Auto, bs);
+                    self.send_info_or_go(true, Origin::Auto, bs);
                     return;
                 }
                 AutoStep::Done => {
@@ -464,34 +545,87 @@ impl Connection {
 
     // ----- receiving -----
 
-    /// One step of the handshake/option machine over buffered input;
-    /// `Ok(false)` means more bytes are needed.
-    pub(crate) fn step_negotiation(&mut self) -> Result<bool, ProtocolError> {
-        match &self.state {
+    /// One step of the state machine over buffered input, whatever the
+    /// phase; `Ok(false)` means more bytes are needed.
+    pub(crate) fn step(&mut self) -> Result<bool, ProtocolError> {
+        // The hot path: no state to move.
+        if let State::Transmission = self.state {
+            return self.step_transmission();
+        }
+        // The state is taken by value so that each arm sees exactly its own
+        // state; every arm but the option in flight puts it straight back.
+        match std::mem::replace(&mut self.state, State::Negotiating) {
+            State::Option(p) => self.step_option(p),
             State::Greeting => {
-                let Some(b) = self.rx.data().first_chunk::<GREETING_PREFIX_LEN>() else {
-                    return Ok(false);
-                };
-                let style = handshake::parse_greeting_prefix(b)?;
-                self.rx.consume(GREETING_PREFIX_LEN);
-                self.state = match style {
-                    Style::Oldstyle => State::Oldstyle,
-                    Style::Newstyle => State::HandshakeFlags,
-                };
-                Ok(true)
+                self.state = State::Greeting;
+                self.step_greeting()
             }
-            State::Oldstyle => self.step_oldstyle(),
-            State::HandshakeFlags => self.step_handshake_flags(),
-            State::ExportNameReply => self.step_export_name_reply(),
-            State::Option(_) => self.step_option_reply(),
-            State::Negotiating | State::Tls => {
+            State::Oldstyle => {
+                self.state = State::Oldstyle;
+                self.step_oldstyle()
+            }
+            State::HandshakeFlags => {
+                self.state = State::HandshakeFlags;
+                self.step_handshake_flags()
+            }
+            State::ExportNameReply => {
+                self.state = State::ExportNameReply;
+                self.step_export_name_reply()
+            }
+            s @ (State::Negotiating | State::Tls) => {
+                self.state = s;
+                // Nothing is expected from the server now.
                 if self.rx.len() > 0 {
                     return Err(ProtocolError::UnexpectedData(self.rx.len()));
                 }
                 Ok(false)
             }
-            State::Transmission | State::Closed => Ok(false),
+            State::Transmission => {
+                self.state = State::Transmission;
+                self.step_transmission()
+            }
+            // Over: input is no longer read.
+            s @ State::Closed(_) => {
+                self.state = s;
+                Ok(false)
+            }
         }
+    }
+
+    /// Reads the reply to the option in flight, `p`, taken out of the
+    /// state; puts it back unless the reply ended it.
+    fn step_option(&mut self, mut p: Box<Pending>) -> Result<bool, ProtocolError> {
+        match self.step_option_reply(&mut p)? {
+            OptionStep::More => {
+                self.state = State::Option(p);
+                Ok(false)
+            }
+            OptionStep::Progress => {
+                self.state = State::Option(p);
+                Ok(true)
+            }
+            OptionStep::Acked => {
+                self.option_acked(*p)?;
+                Ok(true)
+            }
+            OptionStep::Failed(error) => {
+                self.option_failed(*p, error);
+                Ok(true)
+            }
+        }
+    }
+
+    fn step_greeting(&mut self) -> Result<bool, ProtocolError> {
+        let Some(b) = self.rx.data().first_chunk::<GREETING_PREFIX_LEN>() else {
+            return Ok(false);
+        };
+        let style = handshake::parse_greeting_prefix(b)?;
+        self.rx.consume(GREETING_PREFIX_LEN);
+        self.state = match style {
+            Style::Oldstyle => State::Oldstyle,
+            Style::Newstyle => State::HandshakeFlags,
+        };
+        Ok(true)
     }
 
     fn step_oldstyle(&mut self) -> Result<bool, ProtocolError> {
@@ -515,7 +649,12 @@ impl Connection {
             return Ok(false);
         }
         let name = self.cfg.export_name.clone();
-        self.enter_transmission(name, f.size, f.transmission_flags, None)?;
+        self.enter_transmission(ExportInfo {
+            name,
+            size: f.size,
+            flags: f.transmission_flags,
+            ..ExportInfo::default()
+        })?;
         Ok(true)
     }
 
@@ -574,32 +713,22 @@ impl Connection {
         let (size, flags) = handshake::parse_export_name_reply(b);
         self.rx.consume(EXPORT_NAME_REPLY_LEN + pad);
         let name = self.cfg.export_name.clone();
-        self.enter_transmission(name, size, flags, None)?;
+        self.enter_transmission(ExportInfo {
+            name,
+            size,
+            flags,
+            ..ExportInfo::default()
+        })?;
         Ok(true)
     }
 
     /// Validates what the server said and enters the transmission phase.
-    fn enter_transmission(
-        &mut self,
-        name: String,
-        size: u64,
-        flags: u16,
-        base: Option<ExportInfo>,
-    ) -> Result<(), ProtocolError> {
-        let mut info = base.unwrap_or_default();
-        info.name = name;
-        info.size = size;
-        info.flags = flags;
+    fn enter_transmission(&mut self, info: ExportInfo) -> Result<(), ProtocolError> {
         let info = self.sanitize(info)?;
         self.info = Some(info.clone());
         self.state = State::Transmission;
-        self.xmit.start(
-            &info,
-            self.structured,
-            self.extended,
-            &self.contexts,
-            &self.cfg,
-        );
+        self.xmit
+            .start(&info, self.header_mode, &self.contexts, &self.cfg);
         if self.contexts_export.as_deref() != Some(info.name.as_str()) {
             // Rule 86: contexts count only for the export finally selected.
             self.contexts.clear();
@@ -615,33 +744,26 @@ impl Connection {
         if info.size > i64::MAX as u64 {
             return Err(ProtocolError::ExportTooLarge(info.size));
         }
-        if !(self.structured || self.extended) {
+        if self.header_mode == HeaderMode::Simple {
             info.flags &= !tf::SEND_DF;
         }
         if info.flags & tf::SEND_WRITE_ZEROES == 0 {
             info.flags &= !tf::SEND_FAST_ZERO;
         }
-        if !self.extended {
+        if self.header_mode != HeaderMode::Extended {
             info.flags &= !tf::BLOCK_STATUS_PAYLOAD;
         }
         Ok(info)
     }
 
-    fn set_stage(&mut self, stage: ReplyStage) {
-        if let State::Option(p) = &mut self.state {
-            p.stage = stage;
-        }
-    }
-
-    fn step_option_reply(&mut self) -> Result<bool, ProtocolError> {
-        let (kind, stage) = match &self.state {
-            State::Option(p) => (p.kind, p.stage),
-            _ => return Ok(false),
-        };
-        match stage {
+    /// One step over the reply to the option in flight, `p`, which the
+    /// caller took out of the state.
+    fn step_option_reply(&mut self, p: &mut Pending) -> Result<OptionStep, ProtocolError> {
+        let kind = p.op.kind();
+        match p.stage {
             ReplyStage::Header => {
                 let Some(b) = self.rx.data().first_chunk::<OPTION_REPLY_HEADER_LEN>() else {
-                    return Ok(false);
+                    return Ok(OptionStep::More);
                 };
                 let h = wopt::parse_option_reply_header(b)?;
                 self.rx.consume(OPTION_REPLY_HEADER_LEN);
@@ -651,24 +773,22 @@ impl Connection {
                         got: h.option,
                     });
                 }
-                let stage = self.check_reply_header(kind, &h)?;
-                self.set_stage(stage);
-                Ok(true)
+                p.stage = Self::check_reply_header(&p.op, &h)?;
+                Ok(OptionStep::Progress)
             }
             ReplyStage::Payload(h) => {
                 let len = h.length as usize;
-                if self.rx.len() < len {
-                    return Ok(false);
-                }
-                let payload = self.rx.data()[..len].to_vec();
+                let Some(payload) = self.rx.data().get(..len) else {
+                    return Ok(OptionStep::More);
+                };
+                let payload = payload.to_vec();
                 self.rx.consume(len);
-                self.set_stage(ReplyStage::Header);
-                self.handle_option_reply(kind, h, &payload)?;
-                Ok(true)
+                p.stage = ReplyStage::Header;
+                self.handle_option_reply(p, h, &payload)
             }
             ReplyStage::InfoType(h) => {
                 let Some(b) = self.rx.data().first_chunk::<2>() else {
-                    return Ok(false);
+                    return Ok(OptionStep::More);
                 };
                 let typ = u16::from_be_bytes(*b);
                 if matches!(
@@ -683,103 +803,62 @@ impl Connection {
                     });
                 }
                 self.rx.consume(2);
-                self.set_stage(ReplyStage::Skip(h.length - 2));
-                Ok(true)
+                p.stage = ReplyStage::Skip(h.length.saturating_sub(2));
+                Ok(OptionStep::Progress)
             }
             ReplyStage::Skip(remaining) => {
                 let n = (remaining as usize).min(self.rx.len());
                 if n == 0 && remaining > 0 {
-                    return Ok(false);
+                    return Ok(OptionStep::More);
                 }
                 self.rx.consume(n);
                 let left = remaining - n as u32;
-                self.set_stage(if left == 0 {
+                p.stage = if left == 0 {
                     ReplyStage::Header
                 } else {
                     ReplyStage::Skip(left)
-                });
-                Ok(true)
+                };
+                Ok(OptionStep::Progress)
             }
         }
     }
 
-    /// Checks a reply header's type and length against the option in flight
-    /// before anything is buffered (rule set §2.8).
-    fn check_reply_header(
-        &self,
-        kind: OptionKind,
-        h: &OptionReplyHeader,
-    ) -> Result<ReplyStage, ProtocolError> {
-        let too_long = |limit: u32| ProtocolError::OptionReplyTooLong {
-            option: kind,
-            reply_type: h.reply_type,
-            len: h.length,
-            limit,
-        };
-        let unexpected = ProtocolError::UnexpectedOptionReply {
-            option: kind,
-            reply_type: h.reply_type,
-        };
-        let limit = match h.reply_type {
-            rep::ACK => {
-                if h.length != 0 {
-                    return Err(ProtocolError::AckWithData(kind, h.length));
-                }
-                0
-            }
-            t if t & rep::FLAG_ERROR != 0 => MAX_STRING_LEN as u32,
-            rep::SERVER if kind == OptionKind::List => MAX_SERVER_REPLY,
-            rep::INFO if matches!(kind, OptionKind::Info | OptionKind::Go) => {
-                if h.length > MAX_INFO_REPLY {
-                    return Ok(ReplyStage::InfoType(*h));
-                }
-                MAX_INFO_REPLY
-            }
-            rep::META_CONTEXT
-                if matches!(
-                    kind,
-                    OptionKind::ListMetaContext | OptionKind::SetMetaContext
-                ) =>
-            {
-                MAX_META_CONTEXT_REPLY
-            }
-            _ => return Err(unexpected),
-        };
-        if h.length > limit {
-            return Err(too_long(limit));
-        }
-        Ok(ReplyStage::Payload(*h))
-    }
-
+    /// A complete reply payload (or an ACK) to the option in flight.
     fn handle_option_reply(
         &mut self,
-        kind: OptionKind,
+        p: &mut Pending,
         h: OptionReplyHeader,
         payload: &[u8],
-    ) -> Result<(), ProtocolError> {
-        match h.reply_type {
-            rep::ACK => self.option_acked(kind),
-            rep::SERVER => {
+    ) -> Result<OptionStep, ProtocolError> {
+        let unexpected = ProtocolError::UnexpectedOptionReply {
+            option: p.op.kind(),
+            reply_type: h.reply_type,
+        };
+        match (h.reply_type, &mut p.op) {
+            (rep::ACK, _) => Ok(OptionStep::Acked),
+            (t, _) if t & rep::FLAG_ERROR != 0 => Ok(OptionStep::Failed(OptionError {
+                reply: RepError::from_wire(t),
+                message: wopt::human_text(payload),
+            })),
+            (rep::SERVER, Op::Plain(PlainOption::List)) => {
                 let (name, description) = wopt::parse_server_reply(payload)?;
                 self.events.push_back(Event::ExportListed {
                     name: name.to_owned(),
                     description,
                 });
-                Ok(())
+                Ok(OptionStep::Progress)
             }
-            rep::INFO => {
-                let reply = wopt::parse_info_reply(payload)?;
-                let State::Option(p) = &mut self.state else {
-                    return Ok(());
-                };
-                let Some(export) = p.export.as_mut() else {
-                    return Ok(());
-                };
-                match reply {
+            (
+                rep::INFO,
+                Op::Export {
+                    info: export, seen, ..
+                },
+            ) => {
+                match wopt::parse_info_reply(payload)? {
                     InfoReply::Export { size, flags } => {
                         export.size = size;
                         export.flags = flags;
-                        p.export_seen = true;
+                        *seen = true;
                     }
                     InfoReply::Name(n) => export.canonical_name = Some(n),
                     InfoReply::Description(d) => export.description = Some(d),
@@ -798,55 +877,33 @@ impl Connection {
                     }
                     InfoReply::Unknown(_) => {}
                 }
-                Ok(())
+                Ok(OptionStep::Progress)
             }
-            rep::META_CONTEXT => {
+            (rep::META_CONTEXT, Op::Meta { set, list, .. }) => {
                 let (id, name) = wopt::parse_meta_context_reply(payload)?;
-                let id = if kind == OptionKind::ListMetaContext {
-                    0 // rule 42: ignore the id of LIST replies
-                } else {
-                    id
-                };
+                // Rule 42: ignore the id of LIST replies.
+                let id = if *set { id } else { 0 };
                 let max = self.cfg.limits.max_meta_contexts;
-                let State::Option(p) = &mut self.state else {
-                    return Ok(());
-                };
-                if p.contexts.len() >= max {
+                if list.len() >= max {
                     return Err(ProtocolError::TooManyMetaContexts(max));
                 }
-                p.contexts.push((id, name.to_owned()));
-                Ok(())
+                list.push((id, name.to_owned()));
+                Ok(OptionStep::Progress)
             }
-            t => {
-                let error = OptionError {
-                    reply: RepError::from_wire(t),
-                    message: wopt::human_text(payload),
-                };
-                self.option_failed(kind, error);
-                Ok(())
-            }
-        }
-    }
-
-    fn take_pending(&mut self) -> Pending {
-        match std::mem::replace(&mut self.state, State::Negotiating) {
-            State::Option(p) => p,
-            other => {
-                self.state = other;
-                Pending::new(OptionKind::Abort, Origin::User)
-            }
+            // `check_reply_header` lets only the pairs above through.
+            _ => Err(unexpected),
         }
     }
 
     /// The option in flight ended with `NBD_REP_ACK`.
-    fn option_acked(&mut self, kind: OptionKind) -> Result<(), ProtocolError> {
-        let p = self.take_pending();
-        match kind {
-            OptionKind::Abort => {
+    fn option_acked(&mut self, p: Pending) -> Result<(), ProtocolError> {
+        let kind = p.op.kind();
+        match p.op {
+            Op::Plain(PlainOption::Abort) => {
                 self.close(CloseReason::Aborted);
                 return Ok(());
             }
-            OptionKind::StartTls => {
+            Op::Plain(PlainOption::StartTls) => {
                 if self.tls_on {
                     return Err(ProtocolError::StartTlsTwice);
                 }
@@ -854,15 +911,21 @@ impl Connection {
                 self.events.push_back(Event::StartTls);
                 return Ok(());
             }
-            OptionKind::StructuredReply => self.structured = true,
-            OptionKind::ExtendedHeaders => {
-                self.extended = true;
-                self.structured = true;
+            // Extended headers already include structured replies.
+            Op::Plain(PlainOption::StructuredReply) => {
+                if self.header_mode == HeaderMode::Simple {
+                    self.header_mode = HeaderMode::Structured;
+                }
             }
-            OptionKind::SetMetaContext => {
-                self.contexts = p.contexts.clone();
-                self.contexts_export = Some(p.context_export.clone());
-                for (id, name) in p.contexts {
+            Op::Plain(PlainOption::ExtendedHeaders) => self.header_mode = HeaderMode::Extended,
+            // The exports were reported as they arrived.
+            Op::Plain(PlainOption::List) => {}
+            Op::Meta { set, list, export } => {
+                if set {
+                    self.contexts = list.clone();
+                    self.contexts_export = Some(export);
+                }
+                for (id, name) in list {
                     self.events.push_back(Event::MetaContext {
                         option: kind,
                         id,
@@ -870,28 +933,15 @@ impl Connection {
                     });
                 }
             }
-            OptionKind::ListMetaContext => {
-                for (id, name) in p.contexts {
-                    self.events.push_back(Event::MetaContext {
-                        option: kind,
-                        id,
-                        name,
-                    });
-                }
-            }
-            OptionKind::Info | OptionKind::Go => {
-                if !p.export_seen {
+            Op::Export { go, info, seen, .. } => {
+                if !seen {
                     return Err(ProtocolError::MissingExportInfo(kind));
                 }
-                let export = p.export.unwrap_or_default();
-                if kind == OptionKind::Go {
-                    let name = export.name.clone();
-                    let (size, flags) = (export.size, export.flags);
-                    return self.enter_transmission(name, size, flags, Some(export));
+                if go {
+                    return self.enter_transmission(info);
                 }
-                self.info = Some(self.sanitize(export)?);
+                self.info = Some(self.sanitize(info)?);
             }
-            OptionKind::List | OptionKind::ExportName => {}
         }
         self.option_finished(kind, p.origin, None);
         Ok(())
@@ -911,17 +961,17 @@ impl Connection {
                     },
                 });
             }
-            Origin::Before(next) => {
+            Origin::Before { go } => {
                 let bs = self.cfg.request_block_size;
-                self.send_info_or_go(next, Origin::User, bs);
+                self.send_info_or_go(go, Origin::User, bs);
             }
         }
     }
 
     /// The option in flight ended with an error reply.
-    fn option_failed(&mut self, kind: OptionKind, error: OptionError) {
-        let p = self.take_pending();
-        if kind == OptionKind::Abort {
+    fn option_failed(&mut self, p: Pending, error: OptionError) {
+        let kind = p.op.kind();
+        if let Op::Plain(PlainOption::Abort) = p.op {
             self.close(CloseReason::Aborted);
             return;
         }
@@ -939,13 +989,13 @@ impl Connection {
             });
             return;
         }
-        match kind {
-            OptionKind::SetMetaContext => {
+        match p.op {
+            Op::Meta { set: true, .. } => {
                 // Rule 44: a failed SET still replaced the whole set.
                 self.contexts.clear();
                 self.contexts_export = None;
             }
-            OptionKind::StartTls
+            Op::Plain(PlainOption::StartTls)
                 if p.origin == Origin::Auto && self.cfg.tls == TlsMode::Require =>
             {
                 self.abort_and_close(CloseReason::TlsRequired(format!(
@@ -953,54 +1003,119 @@ impl Connection {
                 )));
                 return;
             }
-            OptionKind::Info | OptionKind::Go => {
-                if error.reply == RepError::Unsup && kind == OptionKind::Go && !self.extended {
+            Op::Export {
+                go,
+                asked_block_size,
+                ..
+            } => {
+                if error.reply == RepError::Unsup && go && self.header_mode != HeaderMode::Extended
+                {
                     // Rule 31: fall back to EXPORT_NAME.
                     self.send_export_name();
                     return;
                 }
-                if error.reply == RepError::BlockSizeReqd && !p.asked_block_size {
-                    self.send_info_or_go(kind, p.origin, true);
+                if error.reply == RepError::BlockSizeReqd && !asked_block_size {
+                    self.send_info_or_go(go, p.origin, true);
                     return;
                 }
-                if kind == OptionKind::Go && p.origin == Origin::Auto {
+                if go && p.origin == Origin::Auto {
                     self.abort_and_close(CloseReason::NegotiationFailed {
                         option: kind,
                         error,
                     });
                     return;
                 }
-                if kind == OptionKind::Info {
+                if !go {
                     self.info = None;
                 }
             }
-            _ => {}
+            Op::Plain(_) | Op::Meta { set: false, .. } => {}
         }
         self.option_finished(kind, p.origin, Some(error));
     }
 
-    /// The reason to report when the server closes now.
-    pub(crate) fn eof_reason(&self) -> CloseReason {
+    /// Checks a reply header's type and length against the option in flight
+    /// before anything is buffered, so that a length no legal reply of its
+    /// type can have fails at once (spec "Option reply" and the per-option
+    /// reply lists of §2.8).
+    fn check_reply_header(op: &Op, h: &OptionReplyHeader) -> Result<ReplyStage, ProtocolError> {
+        let kind = op.kind();
+        let too_long = |limit: u32| ProtocolError::OptionReplyTooLong {
+            option: kind,
+            reply_type: h.reply_type,
+            len: h.length,
+            limit,
+        };
+        let limit = match (h.reply_type, op) {
+            (rep::ACK, _) => {
+                if h.length != 0 {
+                    return Err(ProtocolError::AckWithData(kind, h.length));
+                }
+                0
+            }
+            (t, _) if t & rep::FLAG_ERROR != 0 => MAX_STRING_LEN as u32,
+            (rep::SERVER, Op::Plain(PlainOption::List)) => MAX_SERVER_REPLY,
+            (rep::INFO, Op::Export { .. }) => {
+                if h.length > MAX_SKIPPED_INFO {
+                    return Err(too_long(MAX_SKIPPED_INFO));
+                }
+                if h.length > MAX_INFO_REPLY {
+                    // Too long for a known type: skipped if its type is unknown.
+                    return Ok(ReplyStage::InfoType(*h));
+                }
+                MAX_INFO_REPLY
+            }
+            (rep::META_CONTEXT, Op::Meta { .. }) => MAX_META_CONTEXT_REPLY,
+            _ => {
+                return Err(ProtocolError::UnexpectedOptionReply {
+                    option: kind,
+                    reply_type: h.reply_type,
+                })
+            }
+        };
+        if h.length > limit {
+            return Err(too_long(limit));
+        }
+        Ok(ReplyStage::Payload(*h))
+    }
+
+    /// The reason to report when the server closes now (`transport_error`
+    /// `None`) or the transport fails with that message.
+    pub(crate) fn end_reason(&self, transport_error: Option<String>) -> CloseReason {
         let during = match &self.state {
+            // Rule 23: once NBD_OPT_ABORT is sent, however the server ends
+            // the connection is the expected end (nbd-server 3.24 resets it).
+            State::Option(p) if matches!(p.op, Op::Plain(PlainOption::Abort)) => {
+                return CloseReason::Aborted;
+            }
+            State::Transmission => {
+                let lost = self.xmit.in_flight();
+                // Spec "Terminating the transmission phase": after
+                // NBD_CMD_DISC the server closes; with every request
+                // answered that is the orderly end, EOF or reset alike.
+                if self.xmit.disconnect_sent() && lost == 0 {
+                    return CloseReason::Disconnected;
+                }
+                return CloseReason::ServerClosed {
+                    lost,
+                    transport_error,
+                };
+            }
+            State::Closed(r) => return r.clone(),
             State::Greeting | State::HandshakeFlags | State::Oldstyle => {
                 "reading the server's greeting".to_owned()
             }
-            State::Option(p) if p.kind == OptionKind::Abort => return CloseReason::Aborted,
-            State::Option(p) => format!("waiting for the reply to {}", p.kind),
+            State::Option(p) => format!("waiting for the reply to {}", p.op.kind()),
             State::ExportNameReply => {
                 "waiting for the reply to NBD_OPT_EXPORT_NAME (the server refused the export)"
                     .to_owned()
             }
             State::Negotiating => "negotiating (no option in flight)".to_owned(),
             State::Tls => "starting TLS".to_owned(),
-            State::Transmission => {
-                if self.xmit.disconnect_sent() && self.xmit.in_flight() == 0 {
-                    return CloseReason::Disconnected;
-                }
-                self.xmit.eof_context()
-            }
-            State::Closed => "closed".to_owned(),
         };
-        CloseReason::ServerKilledConnection { during }
+        match transport_error {
+            Some(m) => CloseReason::Transport(m),
+            None => CloseReason::ServerKilledConnection { during },
+        }
     }
 }

@@ -10,9 +10,12 @@ use bytes::{Bytes, BytesMut};
 
 use crate::client::Connection;
 use crate::config::{Config, Limits, Strict};
-use crate::consts::{chunk, cmd, cmd_flags as cf, errno, reply_flags, transmission_flags as tf};
-use crate::error::{CommandError, NbdErrno, ProtocolError, UsageError};
+use crate::consts::{
+    chunk, cmd, cmd_flags as cf, errno, reply_flags, transmission_flags as tf, MAX_STRING_LEN,
+};
+use crate::error::{CommandError, NbdErrno, ProtocolError, Refused, UsageError};
 use crate::event::{Cookie, Event, ExportInfo, Extent, ReadChunkKind};
+use crate::flags::CmdFlags;
 use crate::negotiate::State;
 use crate::wire::reply::{self as wrep, HeaderMode, ReplyHeader};
 use crate::wire::request::{encode_block_status_filter, encode_request_array, RequestHeader};
@@ -69,6 +72,20 @@ struct Request {
     contexts_seen: Vec<u32>,
     /// Payload bytes charged against the in-flight byte limit.
     charged: u64,
+}
+
+/// A request checked and encoded, not yet in flight (see `Connection::prepare`).
+struct Prepared {
+    slot: u32,
+    generation: u32,
+    cookie: Cookie,
+    cmd: u16,
+    flags: u16,
+    offset: u64,
+    length: u64,
+    charged: u64,
+    header: [u8; 32],
+    header_len: usize,
 }
 
 /// A slot of the in-flight table; its vectors keep their capacity across
@@ -170,18 +187,11 @@ impl Transmission {
     pub(crate) fn start(
         &mut self,
         info: &ExportInfo,
-        structured: bool,
-        extended: bool,
+        mode: HeaderMode,
         contexts: &[(u32, String)],
         cfg: &Config,
     ) {
-        self.mode = if extended {
-            HeaderMode::Extended
-        } else if structured {
-            HeaderMode::Structured
-        } else {
-            HeaderMode::Simple
-        };
+        self.mode = mode;
         self.strict = cfg.strict;
         self.limits = cfg.limits.clone();
         self.size = info.size;
@@ -207,18 +217,6 @@ impl Transmission {
 
     pub(crate) fn disconnect_sent(&self) -> bool {
         self.disc_sent
-    }
-
-    /// Describes what was outstanding, for the "server killed the connection" message.
-    pub(crate) fn eof_context(&self) -> String {
-        match self.rx {
-            Rx::Header if self.in_flight == 0 => "idle in the transmission phase".to_owned(),
-            Rx::Header => format!("{} requests were in flight", self.in_flight),
-            _ => format!(
-                "in the middle of a reply ({} requests in flight)",
-                self.in_flight
-            ),
-        }
     }
 
     /// How many bytes the adapter should read into the receive buffer at
@@ -356,40 +354,32 @@ impl Transmission {
             Some(e) => Err(e),
             None => {
                 if cmd_ == cmd::READ && covered != length {
-                    return Err(self.bad(
-                        slot,
-                        format!("reply is complete but covers only {covered} of {length} bytes"),
-                    ));
+                    return Err(ProtocolError::ReadIncomplete {
+                        cookie: self.cookie(slot).0,
+                        covered,
+                        length,
+                    });
                 }
                 Ok(())
             }
         };
-        if result.as_ref().err().is_some_and(|e| {
-            matches!(
-                e,
-                CommandError::Server {
-                    errno: NbdErrno(errno::ESHUTDOWN),
-                    ..
-                }
-            )
-        }) {
-            // Rule 104: the server is shutting down; soft-disconnect.
-            self.disc_wanted = true;
-        }
         self.complete(slot, result, events);
         Ok(())
     }
 
-    fn bad(&self, slot: u32, what: String) -> ProtocolError {
-        let r = &self.slots[slot as usize].req;
-        ProtocolError::BadReply {
-            command: command_name(r.cmd),
-            cookie: self.cookie(slot).0,
-            what,
-        }
-    }
-
+    /// Records an error the server reported for a request (the first one
+    /// is what the request completes with).
     fn set_error(&mut self, slot: u32, e: CommandError) {
+        if let CommandError::Server {
+            errno: NbdErrno(errno::ESHUTDOWN),
+            ..
+        } = e
+        {
+            // Spec "Terminating the transmission phase" (rule 104): the
+            // server is shutting down, so soft-disconnect once the requests
+            // in flight complete, even if this error does not win.
+            self.disc_wanted = true;
+        }
         let r = self.req(slot);
         if r.error.is_none() {
             r.error = Some(e);
@@ -403,17 +393,20 @@ impl Transmission {
         let end = off.checked_add(len);
         let req_end = r.offset.saturating_add(r.length);
         if off < r.offset || end.is_none_or(|e| e > req_end) {
-            return Err(self.bad(
-                slot,
-                format!(
-                    "chunk at offset {off} length {len} lies outside the request ({}+{})",
-                    r.offset, r.length
-                ),
-            ));
+            return Err(ProtocolError::ChunkOutOfRange {
+                cookie: self.cookie(slot).0,
+                offset: off,
+                length: len,
+                request_offset: r.offset,
+                request_length: r.length,
+            });
         }
         if r.flags & cf::DF != 0 && r.content_chunks >= 1 {
-            return Err(self.bad(slot, "more than one content chunk with DF".into()));
+            return Err(ProtocolError::FragmentedDfRead {
+                cookie: self.cookie(slot).0,
+            });
         }
+        let cookie = self.cookie(slot).0;
         let end = off + len;
         let r = self.req(slot);
         // While chunks arrive in order, `covered` alone describes them (one
@@ -425,10 +418,11 @@ impl Transmission {
             }
             let overlaps = r.ranges.iter().any(|&(a, b)| off < b && a < end);
             if overlaps {
-                return Err(self.bad(
-                    slot,
-                    format!("chunk at offset {off} overlaps an earlier chunk"),
-                ));
+                return Err(ProtocolError::ChunkOverlap {
+                    cookie,
+                    offset: off,
+                    length: len,
+                });
             }
             r.ranges.push((off, end));
         }
@@ -468,10 +462,11 @@ impl Connection {
     fn check_command(
         &self,
         c: u16,
-        flags: u16,
+        flags: CmdFlags,
         offset: u64,
         length: u64,
     ) -> Result<u16, UsageError> {
+        let flags = flags.bits();
         let x = &self.xmit;
         let s = x.strict;
         let name = command_name(c);
@@ -591,49 +586,31 @@ impl Connection {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn issue(
-        &mut self,
+    /// Builds the request header for the next request in `slot`, before
+    /// anything is committed, so that a refusal leaves no trace.
+    /// `payload_len` is the length of the payload sent with the request.
+    fn prepare(
+        &self,
         c: u16,
         flags: u16,
         offset: u64,
         length: u64,
-        buf: Option<BytesMut>,
-        payload: Option<Bytes>,
-        chunk_events: bool,
-    ) -> Result<Cookie, UsageError> {
+        payload_len: Option<u64>,
+    ) -> Result<Prepared, UsageError> {
         let charged = if matches!(c, cmd::READ | cmd::WRITE) {
             length
         } else {
             0
         };
         let slot = self.check_limits(charged)?;
-        let x = &mut self.xmit;
-        x.free.pop();
-        let s = &mut x.slots[slot as usize];
-        s.generation = s.generation.wrapping_add(1).max(1);
-        s.busy = true;
-        let r = &mut s.req;
-        r.cmd = c;
-        r.flags = flags;
-        r.offset = offset;
-        r.length = length;
-        r.buf = buf;
-        r.chunk_events = chunk_events;
-        r.error = None;
-        r.covered = 0;
-        r.content_chunks = 0;
-        r.ranges.clear();
-        r.contexts_seen.clear();
-        r.charged = charged;
-        x.in_flight += 1;
-        x.bytes_in_flight += charged;
-        let cookie = x.cookie(slot);
+        let x = &self.xmit;
+        let generation = x.slots[slot as usize].generation.wrapping_add(1).max(1);
+        let cookie = Cookie(u64::from(generation) << 32 | u64::from(slot));
         let extended = x.mode == HeaderMode::Extended;
-        let wire_len = match &payload {
+        let wire_len = match payload_len {
             // Extended mode: the header length of a payload-carrying command
             // is the payload length (rule 48).
-            Some(p) if flags & cf::PAYLOAD_LEN != 0 || !extended => p.len() as u64,
+            Some(p) if flags & cf::PAYLOAD_LEN != 0 || !extended => p,
             _ => length,
         };
         let h = RequestHeader {
@@ -643,28 +620,72 @@ impl Connection {
             offset,
             length: wire_len,
         };
-        match encode_request_array(&h, extended) {
-            Ok((bytes, n)) => self.tx.push_header(&bytes[..n]),
-            Err(_) => {
-                // Lengths were checked above; keep the table consistent anyway.
-                let mut ev = VecDeque::new();
-                self.xmit.complete(slot, Ok(()), &mut ev);
-                return Err(UsageError::TooLarge {
-                    length,
-                    max: u64::from(u32::MAX),
-                });
-            }
+        let (header, header_len) =
+            encode_request_array(&h, extended).map_err(|_| UsageError::TooLarge {
+                length: wire_len,
+                max: u64::from(u32::MAX),
+            })?;
+        Ok(Prepared {
+            slot,
+            generation,
+            cookie,
+            cmd: c,
+            flags,
+            offset,
+            length,
+            charged,
+            header,
+            header_len,
+        })
+    }
+
+    /// Commits a prepared request: records it in flight and queues it.
+    fn issue(
+        &mut self,
+        p: Prepared,
+        buf: Option<BytesMut>,
+        payload: Option<Bytes>,
+        chunk_events: bool,
+    ) -> Cookie {
+        let x = &mut self.xmit;
+        // `prepare` took the slot from the top of the free list, untouched since.
+        x.free.pop();
+        let s = &mut x.slots[p.slot as usize];
+        s.generation = p.generation;
+        s.busy = true;
+        let r = &mut s.req;
+        r.cmd = p.cmd;
+        r.flags = p.flags;
+        r.offset = p.offset;
+        r.length = p.length;
+        r.buf = buf;
+        r.chunk_events = chunk_events;
+        r.error = None;
+        r.covered = 0;
+        r.content_chunks = 0;
+        r.ranges.clear();
+        r.contexts_seen.clear();
+        r.charged = p.charged;
+        x.in_flight += 1;
+        x.bytes_in_flight += p.charged;
+        self.tx.push_header(&p.header[..p.header_len]);
+        if let Some(payload) = payload {
+            self.tx.push_payload(payload);
         }
-        if let Some(p) = payload {
-            self.tx.push_payload(p);
-        }
-        Ok(cookie)
+        p.cookie
     }
 
     /// Queues `NBD_CMD_READ` of `buf.len()` bytes at `offset` into `buf`
-    /// (flags: `DF`). The buffer comes back in [`Event::CommandDone`], filled;
-    /// payload bytes land in it straight from the socket where possible.
-    pub fn read(&mut self, offset: u64, buf: BytesMut, flags: u16) -> Result<Cookie, UsageError> {
+    /// (flags: [`CmdFlags::DF`]). The buffer comes back in
+    /// [`Event::CommandDone`], filled; payload bytes land in it straight
+    /// from the socket where possible. If the read is refused, the error
+    /// hands `buf` back ([`Refused`]) and nothing is sent.
+    pub fn read(
+        &mut self,
+        offset: u64,
+        buf: BytesMut,
+        flags: CmdFlags,
+    ) -> Result<Cookie, Refused<BytesMut>> {
         self.read_inner(offset, buf, flags, false)
     }
 
@@ -674,8 +695,8 @@ impl Connection {
         &mut self,
         offset: u64,
         buf: BytesMut,
-        flags: u16,
-    ) -> Result<Cookie, UsageError> {
+        flags: CmdFlags,
+    ) -> Result<Cookie, Refused<BytesMut>> {
         self.read_inner(offset, buf, flags, true)
     }
 
@@ -683,23 +704,43 @@ impl Connection {
         &mut self,
         offset: u64,
         buf: BytesMut,
-        flags: u16,
+        flags: CmdFlags,
         chunks: bool,
-    ) -> Result<Cookie, UsageError> {
-        self.need_ready("read")?;
+    ) -> Result<Cookie, Refused<BytesMut>> {
         let len = buf.len() as u64;
-        let flags = self.check_command(cmd::READ, flags, offset, len)?;
-        self.issue(cmd::READ, flags, offset, len, Some(buf), None, chunks)
+        let checked = self
+            .need_ready("read")
+            .and_then(|()| self.check_command(cmd::READ, flags, offset, len))
+            .and_then(|flags| self.prepare(cmd::READ, flags, offset, len, None));
+        match checked {
+            Ok(p) => Ok(self.issue(p, Some(buf), None, chunks)),
+            Err(error) => Err(Refused { error, buffer: buf }),
+        }
     }
 
-    /// Queues `NBD_CMD_WRITE` of `data` at `offset` (flags: `FUA`; with
-    /// extended headers `PAYLOAD_LEN` is set automatically). The payload is
-    /// sent from `data` itself, without a copy.
-    pub fn write(&mut self, offset: u64, data: Bytes, flags: u16) -> Result<Cookie, UsageError> {
-        self.need_ready("write")?;
+    /// Queues `NBD_CMD_WRITE` of `data` at `offset` (flags:
+    /// [`CmdFlags::FUA`]; with extended headers [`CmdFlags::PAYLOAD_LEN`] is
+    /// set automatically). The payload is sent from `data` itself, without
+    /// a copy. If the write is refused, the error hands `data` back
+    /// ([`Refused`]) and nothing is sent.
+    pub fn write(
+        &mut self,
+        offset: u64,
+        data: Bytes,
+        flags: CmdFlags,
+    ) -> Result<Cookie, Refused<Bytes>> {
         let len = data.len() as u64;
-        let flags = self.check_command(cmd::WRITE, flags, offset, len)?;
-        self.issue(cmd::WRITE, flags, offset, len, None, Some(data), false)
+        let checked = self
+            .need_ready("write")
+            .and_then(|()| self.check_command(cmd::WRITE, flags, offset, len))
+            .and_then(|flags| self.prepare(cmd::WRITE, flags, offset, len, Some(len)));
+        match checked {
+            Ok(p) => Ok(self.issue(p, None, Some(data), false)),
+            Err(error) => Err(Refused {
+                error,
+                buffer: data,
+            }),
+        }
     }
 
     /// Checks and queues a command that carries no payload and expects no
@@ -710,25 +751,36 @@ impl Connection {
         typ: u16,
         offset: u64,
         length: u64,
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Cookie, UsageError> {
         self.need_ready(call)?;
         let flags = self.check_command(typ, flags, offset, length)?;
-        self.issue(typ, flags, offset, length, None, None, false)
+        let p = self.prepare(typ, flags, offset, length, None)?;
+        Ok(self.issue(p, None, None, false))
     }
 
     /// Queues `NBD_CMD_FLUSH`.
-    pub fn flush(&mut self, flags: u16) -> Result<Cookie, UsageError> {
+    pub fn flush(&mut self, flags: CmdFlags) -> Result<Cookie, UsageError> {
         self.bare_command("flush", cmd::FLUSH, 0, 0, flags)
     }
 
     /// Queues `NBD_CMD_TRIM` of `length` bytes at `offset` (flags: `FUA`).
-    pub fn trim(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie, UsageError> {
+    pub fn trim(
+        &mut self,
+        offset: u64,
+        length: u64,
+        flags: CmdFlags,
+    ) -> Result<Cookie, UsageError> {
         self.bare_command("trim", cmd::TRIM, offset, length, flags)
     }
 
     /// Queues `NBD_CMD_CACHE` (a prefetch hint).
-    pub fn cache(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie, UsageError> {
+    pub fn cache(
+        &mut self,
+        offset: u64,
+        length: u64,
+        flags: CmdFlags,
+    ) -> Result<Cookie, UsageError> {
         self.bare_command("cache", cmd::CACHE, offset, length, flags)
     }
 
@@ -738,7 +790,7 @@ impl Connection {
         &mut self,
         offset: u64,
         length: u64,
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Cookie, UsageError> {
         self.bare_command("zero", cmd::WRITE_ZEROES, offset, length, flags)
     }
@@ -749,7 +801,7 @@ impl Connection {
         &mut self,
         offset: u64,
         length: u64,
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Cookie, UsageError> {
         self.bare_command("block_status", cmd::BLOCK_STATUS, offset, length, flags)
     }
@@ -761,11 +813,15 @@ impl Connection {
         offset: u64,
         length: u64,
         ids: &[u32],
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Cookie, UsageError> {
         self.need_ready("block_status_filter")?;
-        let flags =
-            self.check_command(cmd::BLOCK_STATUS, flags | cf::PAYLOAD_LEN, offset, length)?;
+        let flags = self.check_command(
+            cmd::BLOCK_STATUS,
+            flags | CmdFlags::PAYLOAD_LEN,
+            offset,
+            length,
+        )?;
         if self.xmit.strict.contains(Strict::COMMANDS) {
             if self.xmit.flags & tf::BLOCK_STATUS_PAYLOAD == 0 {
                 return Err(UsageError::NotAdvertised("block status payload (filter)"));
@@ -777,24 +833,34 @@ impl Connection {
                 return Err(UsageError::UnknownContext(format!("id {id}")));
             }
         }
-        let mut p = BytesMut::with_capacity(8 + 4 * ids.len());
-        encode_block_status_filter(length, ids, &mut p);
-        self.issue(
+        let mut payload = BytesMut::with_capacity(8 + 4 * ids.len());
+        encode_block_status_filter(length, ids, &mut payload);
+        let payload = payload.freeze();
+        let p = self.prepare(
             cmd::BLOCK_STATUS,
             flags,
             offset,
             length,
-            None,
-            Some(p.freeze()),
-            false,
-        )
+            Some(payload.len() as u64),
+        )?;
+        Ok(self.issue(p, None, Some(payload), false))
     }
 
     /// Queues `NBD_CMD_DISC` (soft disconnect). Requests already in flight
     /// still complete; the connection ends with
-    /// [`crate::CloseReason::Disconnected`] when the server closes. In option
-    /// mode use `opt_abort` instead.
+    /// [`crate::CloseReason::Disconnected`] when the server closes (or the
+    /// transport fails) after answering them all. In option mode use
+    /// `opt_abort` instead.
+    ///
+    /// If the server already hung up with nothing in flight
+    /// ([`crate::CloseReason::ServerClosed`] with `lost == 0`), there is
+    /// nothing left to end and nothing was lost: this returns `Ok(())` and
+    /// sends nothing. On a connection that ended any other way it is a
+    /// [`UsageError::WrongPhase`].
     pub fn disconnect(&mut self) -> Result<(), UsageError> {
+        if let State::Closed(crate::CloseReason::ServerClosed { lost: 0, .. }) = self.state {
+            return Ok(());
+        }
         self.need_ready("disconnect")?;
         self.send_disc();
         Ok(())
@@ -959,17 +1025,13 @@ impl Connection {
                 let context = head.context_id;
                 self.rx.consume(used);
                 if !x.contexts.contains(&context) {
-                    return Err(x.bad(
-                        slot,
-                        format!("block status for unknown context id {context}"),
-                    ));
+                    let cookie = x.cookie(slot).0;
+                    return Err(ProtocolError::UnknownContextId { cookie, context });
                 }
+                let cookie = x.cookie(slot).0;
                 let r = x.req(slot);
                 if r.contexts_seen.contains(&context) {
-                    return Err(x.bad(
-                        slot,
-                        format!("two block status chunks for context {context}"),
-                    ));
+                    return Err(ProtocolError::DuplicateContext { cookie, context });
                 }
                 r.contexts_seen.push(context);
                 x.extents.clear();
@@ -1027,26 +1089,28 @@ impl Connection {
         let x = &mut self.xmit;
         let r = &x.slots[slot as usize].req;
         let n = x.extents.len();
-        if n == 0 {
-            return Err(x.bad(slot, "block status chunk without extents".into()));
-        }
-        if r.flags & cf::REQ_ONE != 0 && (n != 1 || x.extents[0].length > r.length) {
-            return Err(x.bad(
-                slot,
-                "REQ_ONE answered with more than one extent, or a longer one".into(),
-            ));
+        let cookie = x.cookie(slot).0;
+        let Some(first) = x.extents.first() else {
+            return Err(ProtocolError::NoExtents { cookie });
+        };
+        if r.flags & cf::REQ_ONE != 0 && (n != 1 || first.length > r.length) {
+            return Err(ProtocolError::ReqOneViolated {
+                cookie,
+                count: n,
+                first_length: first.length,
+                request_length: r.length,
+            });
         }
         let head: u64 = x.extents[..n - 1]
             .iter()
             .fold(0u64, |a, e| a.saturating_add(e.length));
         if n > 1 && head >= r.length {
-            return Err(x.bad(
-                slot,
-                format!(
-                    "extents run past the request: first {} extents sum to {head}",
-                    n - 1
-                ),
-            ));
+            return Err(ProtocolError::ExtentsPastRequest {
+                cookie,
+                count: n - 1,
+                sum: head,
+                request_length: r.length,
+            });
         }
         let cookie = x.cookie(slot);
         let extents = std::mem::take(&mut x.extents);
@@ -1068,10 +1132,7 @@ impl Connection {
                 let slot = x.lookup(cookie)?;
                 let r = &x.slots[slot as usize].req;
                 if r.cmd == cmd::READ && x.mode != HeaderMode::Simple && error == 0 {
-                    return Err(x.bad(
-                        slot,
-                        "simple reply with data to a read in structured mode".into(),
-                    ));
+                    return Err(ProtocolError::SimpleReplyToStructuredRead { cookie });
                 }
                 if error != 0 {
                     let e = CommandError::Server {
@@ -1119,17 +1180,24 @@ impl Connection {
                 let r = &x.slots[slot as usize].req;
                 if let Some(o) = offset {
                     if o != r.offset {
-                        return Err(x.bad(
-                            slot,
-                            format!(
-                                "extended reply offset {o} differs from the request's {}",
-                                r.offset
-                            ),
-                        ));
+                        return Err(ProtocolError::ReplyOffsetMismatch {
+                            cookie,
+                            expected: r.offset,
+                            got: o,
+                        });
                     }
                 }
-                if length > x.dos_limit.saturating_add(64) {
-                    return Err(x.bad(slot, format!("chunk length {length} is unreasonably large")));
+                let too_long = |limit: u64| ProtocolError::ChunkTooLong {
+                    cookie,
+                    chunk_type: typ,
+                    length,
+                    limit,
+                };
+                // Spec §3.11: whatever the type, a length no legal chunk can
+                // have fails on the header, before any payload is awaited.
+                let limit = x.dos_limit.saturating_add(64);
+                if length > limit {
+                    return Err(too_long(limit));
                 }
                 let done = flags & reply_flags::DONE != 0;
                 let is_read = r.cmd == cmd::READ;
@@ -1137,16 +1205,22 @@ impl Connection {
                 match typ {
                     chunk::NONE => {
                         if length != 0 || !done {
-                            return Err(x.bad(
-                                slot,
-                                "NBD_REPLY_TYPE_NONE with a payload or without DONE".into(),
-                            ));
+                            return Err(ProtocolError::BadNoneChunk {
+                                cookie,
+                                length,
+                                done,
+                            });
                         }
                         // `finish` checks that a successful read is covered.
                         x.finish(slot, &mut self.events)
                     }
                     chunk::OFFSET_DATA if is_read => {
                         wrep::check_offset_data_len(length)?;
+                        // 8 bytes of offset, then at most the whole request.
+                        let limit = r.length.saturating_add(8);
+                        if length > limit {
+                            return Err(too_long(limit));
+                        }
                         x.rx = Rx::DataPrefix {
                             slot,
                             length,
@@ -1174,13 +1248,11 @@ impl Connection {
                         let ext = x.mode == HeaderMode::Extended;
                         let wide = typ == chunk::BLOCK_STATUS_EXT;
                         if ext != wide {
-                            return Err(x.bad(
-                                slot,
-                                format!(
-                                    "chunk type {typ} is not allowed in {} mode",
-                                    x.mode.name()
-                                ),
-                            ));
+                            return Err(ProtocolError::ChunkTypeWrongMode {
+                                cookie,
+                                chunk_type: typ,
+                                mode: x.mode,
+                            });
                         }
                         wrep::check_block_status_len(typ, length, x.limits.max_extents)?;
                         x.rx = Rx::StatusHeader {
@@ -1192,6 +1264,21 @@ impl Connection {
                         Ok(())
                     }
                     t if t & chunk::FLAG_ERROR != 0 => {
+                        // Error value, message length, a message of at most
+                        // 4096 bytes (spec "Structured reply types"), and the
+                        // offset of ERROR_OFFSET. Unknown error types may
+                        // carry more; they are bounded by the buffer.
+                        let known = match t {
+                            chunk::ERROR => Some(6),
+                            chunk::ERROR_OFFSET => Some(14),
+                            _ => None,
+                        };
+                        if let Some(fixed) = known {
+                            let limit = fixed + MAX_STRING_LEN as u64;
+                            if length > limit {
+                                return Err(too_long(limit));
+                            }
+                        }
                         if length > MAX_BUFFERED_CHUNK {
                             return Err(WireError::BadLength {
                                 what: "error chunk",
@@ -1208,7 +1295,11 @@ impl Connection {
                         Ok(())
                     }
                     // Rule 96: unknown or unexpected non-error chunk type.
-                    t => Err(x.bad(slot, format!("unexpected chunk type {t}"))),
+                    t => Err(ProtocolError::UnexpectedChunkType {
+                        command: command_name(r.cmd),
+                        cookie,
+                        chunk_type: t,
+                    }),
                 }
             }
         }
@@ -1248,7 +1339,8 @@ impl Connection {
             let r = &x.slots[slot as usize].req;
             if let Some(o) = e.offset {
                 if o < r.offset || o >= r.offset.saturating_add(r.length.max(1)) {
-                    return Err(x.bad(slot, format!("error offset {o} lies outside the request")));
+                    let cookie = x.cookie(slot).0;
+                    return Err(ProtocolError::ErrorOffsetOutOfRange { cookie, offset: o });
                 }
             }
             let message =

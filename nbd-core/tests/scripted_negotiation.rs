@@ -173,9 +173,10 @@ impl Client {
     }
 
     fn opt_mode() -> Client {
-        Client::new(Config {
-            opt_mode: true,
-            ..Config::default()
+        Client::new({
+            let mut cfg = Config::default();
+            cfg.opt_mode = true;
+            cfg
         })
     }
 
@@ -294,9 +295,10 @@ fn rule_8_to_10_client_flags_only_those_advertised() {
         assert!(t.closed().is_none());
     }
     // The client's own configuration can withhold a flag the server offered.
-    let mut t = Client::new(Config {
-        handshake_flags: cf::FIXED_NEWSTYLE,
-        ..Config::default()
+    let mut t = Client::new({
+        let mut cfg = Config::default();
+        cfg.handshake_flags = cf::FIXED_NEWSTYLE;
+        cfg
     });
     t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
     assert_eq!(t.client_flags(), cf::FIXED_NEWSTYLE);
@@ -375,13 +377,11 @@ fn rule_1_6_export_name_reply_with_zeroes_otherwise() {
     // 124 zero bytes follow, and the client waits for all of them.
     let configs = [
         (0u16, Config::default()),
-        (
-            hf::NO_ZEROES,
-            Config {
-                handshake_flags: cf::FIXED_NEWSTYLE,
-                ..Config::default()
-            },
-        ),
+        (hf::NO_ZEROES, {
+            let mut cfg = Config::default();
+            cfg.handshake_flags = cf::FIXED_NEWSTYLE;
+            cfg
+        }),
     ];
     for (server, cfg) in configs {
         let mut t = Client::new(cfg);
@@ -400,9 +400,10 @@ fn rule_1_6_export_name_reply_with_zeroes_otherwise() {
 fn rule_1_6_go_reply_never_padded() {
     // GO after a greeting without NO_ZEROES: no padding; a following byte
     // would be unexpected data, not padding.
-    let mut t = Client::new(Config {
-        request_structured_replies: false,
-        ..Config::default()
+    let mut t = Client::new({
+        let mut cfg = Config::default();
+        cfg.request_structured_replies = false;
+        cfg
     });
     t.feed(&greeting(hf::FIXED_NEWSTYLE));
     t.feed(&go_ok(opt::GO));
@@ -777,9 +778,10 @@ fn rule_31_go_unsup_falls_back_in_option_mode_too() {
 
 #[test]
 fn rule_33_go_asks_for_block_size_and_rule_27_layout() {
-    let mut t = Client::new(Config {
-        export_name: "exp".into(),
-        ..Config::default()
+    let mut t = Client::new({
+        let mut cfg = Config::default();
+        cfg.export_name = "exp".into();
+        cfg
     });
     t.feed(&prelude());
     let (o, d) = t.options().pop().unwrap();
@@ -792,9 +794,10 @@ fn rule_33_go_asks_for_block_size_and_rule_27_layout() {
 
 #[test]
 fn rule_33_block_size_reqd_retries_with_block_size() {
-    let mut t = Client::new(Config {
-        request_block_size: false,
-        ..Config::default()
+    let mut t = Client::new({
+        let mut cfg = Config::default();
+        cfg.request_block_size = false;
+        cfg
     });
     t.feed(&prelude());
     let (_, d) = t.options().pop().unwrap();
@@ -1120,9 +1123,10 @@ fn rule_2_8_flags_without_has_flags_are_rejected() {
 fn rule_2_8_flags_that_need_unnegotiated_features_are_cleared() {
     // DF without structured replies, FAST_ZERO without WRITE_ZEROES,
     // BLOCK_STATUS_PAYLOAD without extended headers.
-    let mut t = Client::new(Config {
-        request_structured_replies: false,
-        ..Config::default()
+    let mut t = Client::new({
+        let mut cfg = Config::default();
+        cfg.request_structured_replies = false;
+        cfg
     });
     t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
     let flags = tf::HAS_FLAGS | tf::SEND_DF | tf::SEND_FAST_ZERO | tf::BLOCK_STATUS_PAYLOAD;
@@ -1180,9 +1184,10 @@ fn full_negotiations() -> Vec<(&'static str, Config, Vec<u8>)> {
         ),
         (
             "option-mode",
-            Config {
-                opt_mode: true,
-                ..Config::default()
+            {
+                let mut cfg = Config::default();
+                cfg.opt_mode = true;
+                cfg
             },
             Vec::new(), // built by drive_option_mode
         ),
@@ -1236,7 +1241,8 @@ fn rule_2_8_truncated_stream_at_every_offset_ends_with_server_killed_connection(
         }
         assert_eq!(t.c.phase(), Phase::Ready, "{name}: {:?}", t.events);
         // Every proper prefix, then EOF, ends with ServerKilledConnection;
-        // the full stream then EOF too (idle in transmission).
+        // the full stream then EOF ends with ServerClosed, nothing lost
+        // (idle in transmission).
         for cut in 0..=stream.len() {
             for one_by_one in [false, true] {
                 let mut t = Client::new(cfg.clone());
@@ -1252,11 +1258,19 @@ fn rule_2_8_truncated_stream_at_every_offset_ends_with_server_killed_connection(
                 }
                 assert!(t.closed().is_none(), "{name} cut {cut}: {:?}", t.events);
                 t.eof();
-                assert!(
-                    matches!(t.closed(), Some(CloseReason::ServerKilledConnection { .. })),
-                    "{name} cut {cut}: {:?}",
-                    t.events
-                );
+                if cut == stream.len() {
+                    assert!(
+                        matches!(t.closed(), Some(CloseReason::ServerClosed { lost: 0, .. })),
+                        "{name} cut {cut}: {:?}",
+                        t.events
+                    );
+                } else {
+                    assert!(
+                        matches!(t.closed(), Some(CloseReason::ServerKilledConnection { .. })),
+                        "{name} cut {cut}: {:?}",
+                        t.events
+                    );
+                }
                 assert_eq!(t.c.phase(), Phase::Dead);
                 // EOF again, or more input, changes nothing.
                 t.eof();
@@ -1279,4 +1293,55 @@ fn allocation_tracker_sees_large_allocations() {
         std::hint::black_box(&v);
     });
     assert!(big >= 1 << 20, "{big}");
+}
+
+/// Spec "Option reply" (`doc/proto.md`, option haggling): a reply header
+/// whose length no legal reply of its type can have (here 0xfffffff0, past
+/// every cap) fails on the 20-byte header alone, for INFO/GO and the meta
+/// context options; the client never waits for a payload that cannot be
+/// right while the server goes quiet.
+#[test]
+fn rule_2_8_impossible_reply_length_fails_on_the_header_alone() {
+    type Start = fn(&mut Connection) -> Result<(), UsageError>;
+    let cases: [(u32, u32, Start); 5] = [
+        (opt::GO, rep::INFO, |c| c.opt_go()),
+        (opt::INFO, rep::INFO, |c| c.opt_info()),
+        (opt::SET_META_CONTEXT, rep::META_CONTEXT, |c| {
+            c.opt_set_meta_context(&["base:allocation"])
+        }),
+        (opt::LIST_META_CONTEXT, rep::META_CONTEXT, |c| {
+            c.opt_list_meta_context::<&str>(&[])
+        }),
+        (opt::GO, rep::ERR_UNKNOWN, |c| c.opt_go()),
+    ];
+    for (option, typ, start) in cases {
+        let mut t = Client::opt_mode();
+        t.feed(&prelude());
+        start(&mut t.c).unwrap();
+        t.drain();
+        t.feed(&reply_header(option, typ, 0xFFFF_FFF0));
+        assert!(
+            matches!(
+                t.protocol_error(),
+                ProtocolError::OptionReplyTooLong {
+                    len: 0xFFFF_FFF0,
+                    ..
+                }
+            ),
+            "option {option} type {typ:#x}: {:?}",
+            t.events
+        );
+        assert_eq!(t.c.phase(), Phase::Dead);
+    }
+    // Automatic mode: GO answered with such an INFO header.
+    let mut t = Client::new(Config::default());
+    t.feed(&prelude());
+    t.feed(&reply_header(opt::GO, rep::INFO, 0xFFFF_FFF0));
+    assert!(matches!(
+        t.protocol_error(),
+        ProtocolError::OptionReplyTooLong {
+            option: OptionKind::Go,
+            ..
+        }
+    ));
 }

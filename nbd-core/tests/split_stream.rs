@@ -14,11 +14,11 @@
 
 use bytes::{Bytes, BytesMut};
 use nbd_core::consts::{
-    chunk, cmd_flags, errno, handshake_flags as hf, info, opt, rep, reply_flags,
-    transmission_flags as tf, IHAVEOPT, NBDMAGIC, OLDSTYLE_MAGIC, OPTION_REPLY_MAGIC,
+    chunk, errno, handshake_flags as hf, info, opt, rep, reply_flags, transmission_flags as tf,
+    IHAVEOPT, NBDMAGIC, OLDSTYLE_MAGIC, OPTION_REPLY_MAGIC,
 };
 use nbd_core::wire::reply::{encode_chunk_header, encode_simple_reply, HeaderMode};
-use nbd_core::{Config, Connection, Cookie, Phase};
+use nbd_core::{CmdFlags, Config, Connection, Cookie, Phase, UsageError};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -221,14 +221,18 @@ fn structured() -> Scenario {
         stage1: s.out,
         commands: |c| {
             let r = vec![
-                c.read(0, BytesMut::zeroed(4096), 0),
-                c.read_with_chunks(4096, BytesMut::zeroed(4096), 0),
-                c.write(8192, Bytes::from(pattern(512, 3)), cmd_flags::FUA),
-                c.flush(0),
-                c.block_status(0, 65536, 0),
-                c.read_with_chunks(12288, BytesMut::zeroed(1024), 0),
-                c.trim(16384, 4096, 0),
-                c.write_zeroes(20480, 4096, cmd_flags::NO_HOLE),
+                c.read(0, BytesMut::zeroed(4096), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.read_with_chunks(4096, BytesMut::zeroed(4096), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.write(8192, Bytes::from(pattern(512, 3)), CmdFlags::FUA)
+                    .map_err(UsageError::from),
+                c.flush(CmdFlags::empty()),
+                c.block_status(0, 65536, CmdFlags::empty()),
+                c.read_with_chunks(12288, BytesMut::zeroed(1024), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.trim(16384, 4096, CmdFlags::empty()),
+                c.write_zeroes(20480, 4096, CmdFlags::NO_HOLE),
             ];
             accepted(r)
         },
@@ -318,11 +322,14 @@ fn extended() -> Scenario {
         stage1: s.out,
         commands: |c| {
             let r = vec![
-                c.read(0, BytesMut::zeroed(3000), 0),
-                c.write(4096, Bytes::from(pattern(700, 9)), 0),
-                c.block_status(4096, 8192, cmd_flags::REQ_ONE),
-                c.read_with_chunks(65536, BytesMut::zeroed(8192), cmd_flags::DF),
-                c.cache(0, 4096, 0),
+                c.read(0, BytesMut::zeroed(3000), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.write(4096, Bytes::from(pattern(700, 9)), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.block_status(4096, 8192, CmdFlags::REQ_ONE),
+                c.read_with_chunks(65536, BytesMut::zeroed(8192), CmdFlags::DF)
+                    .map_err(UsageError::from),
+                c.cache(0, 4096, CmdFlags::empty()),
             ];
             accepted(r)
         },
@@ -389,11 +396,14 @@ fn simple() -> Scenario {
         stage1: s.out,
         commands: |c| {
             let r = vec![
-                c.read(0, BytesMut::zeroed(4096), 0),
-                c.read_with_chunks(8192, BytesMut::zeroed(512), 0),
-                c.write(4096, Bytes::from(pattern(512, 7)), 0),
-                c.flush(0),
-                c.trim(0, 4096, 0),
+                c.read(0, BytesMut::zeroed(4096), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.read_with_chunks(8192, BytesMut::zeroed(512), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.write(4096, Bytes::from(pattern(512, 7)), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.flush(CmdFlags::empty()),
+                c.trim(0, 4096, CmdFlags::empty()),
             ];
             accepted(r)
         },
@@ -420,9 +430,11 @@ fn oldstyle() -> Scenario {
         stage1: s.out,
         commands: |c| {
             let r = vec![
-                c.read(100, BytesMut::zeroed(1000), 0),
-                c.write(0, Bytes::from(pattern(100, 1)), 0),
-                c.flush(0),
+                c.read(100, BytesMut::zeroed(1000), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.write(0, Bytes::from(pattern(100, 1)), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.flush(CmdFlags::empty()),
             ];
             accepted(r)
         },
@@ -452,10 +464,14 @@ fn large_structured() -> Scenario {
         stage1: s.out,
         commands: |c| {
             let r = vec![
-                c.read(0, BytesMut::zeroed(300_000), 0),
-                c.write(1 << 20, Bytes::from(pattern(200_000, 1)), 0),
-                c.read_with_chunks(4 << 20, BytesMut::zeroed(131_072), 0),
-                c.read(8 << 20, BytesMut::zeroed(4096), 0),
+                c.read(0, BytesMut::zeroed(300_000), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.write(1 << 20, Bytes::from(pattern(200_000, 1)), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.read_with_chunks(4 << 20, BytesMut::zeroed(131_072), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.read(8 << 20, BytesMut::zeroed(4096), CmdFlags::empty())
+                    .map_err(UsageError::from),
             ];
             accepted(r)
         },
@@ -521,9 +537,11 @@ fn large_simple() -> Scenario {
         stage1: s.out,
         commands: |c| {
             let r = vec![
-                c.read(0, BytesMut::zeroed(262_144), 0),
-                c.read(1 << 20, BytesMut::zeroed(70_000), 0),
-                c.flush(0),
+                c.read(0, BytesMut::zeroed(262_144), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.read(1 << 20, BytesMut::zeroed(70_000), CmdFlags::empty())
+                    .map_err(UsageError::from),
+                c.flush(CmdFlags::empty()),
             ];
             accepted(r)
         },

@@ -71,9 +71,10 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
 }
 
 /// A connected Unix or TCP socket, in non-blocking mode: the transport of
-/// every adapter. Make one with [`crate::connect`] (or the `From`
-/// conversions for a socket you connected yourself, which switch it to
-/// non-blocking mode and set `TCP_NODELAY` on TCP).
+/// every adapter. Make one with [`crate::connect()`], or with
+/// [`Socket::from_unix`] and [`Socket::from_tcp`] for a socket you
+/// connected yourself (they switch it to non-blocking mode and set
+/// `TCP_NODELAY` on TCP).
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Socket {

@@ -37,6 +37,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use mio::{Events, Poll, Token};
+use nbd_mio::nbd_core::CmdFlags;
 use nbd_mio::{Config, Cookie, Event, NbdConnection};
 
 /// Counts every allocation (and reallocation) the process makes.
@@ -253,10 +254,11 @@ fn submit(
     let off = *next % size;
     s.offset = off;
     let c = if o.write {
-        nbd.write(off, s.wbuf.clone(), 0)
+        nbd.write(off, s.wbuf.clone(), CmdFlags::empty())
+            .map_err(|r| r.error)
     } else {
         let buf = s.rbuf.take().unwrap_or_default();
-        nbd.read(off, buf, 0)
+        nbd.read(off, buf, CmdFlags::empty()).map_err(|r| r.error)
     };
     s.cookie = Some(c.unwrap_or_else(|e| die(e)));
     *next += rs;
@@ -268,10 +270,8 @@ fn main() {
     let rs = o.reqsize;
     let depth = o.depth as usize;
 
-    let mut cfg = Config {
-        request_structured_replies: !o.no_sr,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.request_structured_replies = !o.no_sr;
     // Room for DEPTH requests of REQSIZE, and libnbd's 64 MiB request cap.
     cfg.limits.max_in_flight = cfg.limits.max_in_flight.max(depth);
     cfg.limits.max_bytes_in_flight = cfg

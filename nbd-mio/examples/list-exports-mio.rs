@@ -101,10 +101,8 @@ impl Driver {
 }
 
 fn run(target: &str, input: &mut dyn BufRead, out: &mut dyn Write) -> Result<(), String> {
-    let cfg = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
     let nbd = NbdConnection::connect(target, cfg).map_err(|e| format!("{target}: {e}"))?;
     let poll = Poll::new().map_err(|e| format!("poll: {e}"))?;
     let mut d = Driver {

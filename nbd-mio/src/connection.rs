@@ -9,7 +9,7 @@ use std::path::Path;
 use bytes::{Bytes, BytesMut};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
-use nbd_core::{Config, Connection, Cookie, Event, Phase, TlsMode, UsageError};
+use nbd_core::{CmdFlags, Config, Connection, Cookie, Event, Phase, Refused, TlsMode, UsageError};
 use nbd_driver::{Driver, IoStats, RecvUntil, Socket};
 
 use crate::error::{Error, Result};
@@ -279,52 +279,75 @@ impl NbdConnection {
     /// filled buffer comes back in [`Event::CommandDone`]. Ready phase
     /// only; check [`NbdConnection::has_room`] first when many requests are
     /// in flight.
-    pub fn read(&mut self, offset: u64, buf: BytesMut, flags: u16) -> Result<Cookie> {
-        let r = self.conn.read(offset, buf, flags);
-        self.queued(r)
+    ///
+    /// A refused read (wrong phase, out of bounds, limits) hands `buf`
+    /// back inside the [`Refused`].
+    pub fn read(
+        &mut self,
+        offset: u64,
+        buf: BytesMut,
+        flags: CmdFlags,
+    ) -> std::result::Result<Cookie, Refused<BytesMut>> {
+        let c = self.conn.read(offset, buf, flags)?;
+        self.flush();
+        Ok(c)
     }
 
     /// Queues a read that also reports every structured chunk as
     /// [`Event::ReadChunk`] before its completion.
-    pub fn read_with_chunks(&mut self, offset: u64, buf: BytesMut, flags: u16) -> Result<Cookie> {
-        let r = self.conn.read_with_chunks(offset, buf, flags);
-        self.queued(r)
+    /// A refused read hands `buf` back inside the [`Refused`].
+    pub fn read_with_chunks(
+        &mut self,
+        offset: u64,
+        buf: BytesMut,
+        flags: CmdFlags,
+    ) -> std::result::Result<Cookie, Refused<BytesMut>> {
+        let c = self.conn.read_with_chunks(offset, buf, flags)?;
+        self.flush();
+        Ok(c)
     }
 
     /// Queues a write of `data` at `offset`; `data` goes to the socket
     /// without a copy.
-    pub fn write(&mut self, offset: u64, data: Bytes, flags: u16) -> Result<Cookie> {
-        let r = self.conn.write(offset, data, flags);
-        self.queued(r)
+    /// A refused write hands `data` back inside the [`Refused`].
+    pub fn write(
+        &mut self,
+        offset: u64,
+        data: Bytes,
+        flags: CmdFlags,
+    ) -> std::result::Result<Cookie, Refused<Bytes>> {
+        let c = self.conn.write(offset, data, flags)?;
+        self.flush();
+        Ok(c)
     }
 
     /// Queues a flush (`NBD_CMD_FLUSH`).
-    pub fn flush_command(&mut self, flags: u16) -> Result<Cookie> {
+    pub fn flush_command(&mut self, flags: CmdFlags) -> Result<Cookie> {
         let r = self.conn.flush(flags);
         self.queued(r)
     }
 
     /// Queues a trim of `length` bytes at `offset` (`NBD_CMD_TRIM`).
-    pub fn trim(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie> {
+    pub fn trim(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie> {
         let r = self.conn.trim(offset, length, flags);
         self.queued(r)
     }
 
     /// Queues a cache (prefetch) hint for `length` bytes at `offset`.
-    pub fn cache(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie> {
+    pub fn cache(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie> {
         let r = self.conn.cache(offset, length, flags);
         self.queued(r)
     }
 
     /// Queues a write of zeroes over `length` bytes at `offset`.
-    pub fn write_zeroes(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie> {
+    pub fn write_zeroes(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie> {
         let r = self.conn.write_zeroes(offset, length, flags);
         self.queued(r)
     }
 
     /// Queues a block-status query for `length` bytes at `offset`; answers
     /// arrive as [`Event::BlockStatus`] before the completion.
-    pub fn block_status(&mut self, offset: u64, length: u64, flags: u16) -> Result<Cookie> {
+    pub fn block_status(&mut self, offset: u64, length: u64, flags: CmdFlags) -> Result<Cookie> {
         let r = self.conn.block_status(offset, length, flags);
         self.queued(r)
     }

@@ -35,7 +35,7 @@
 //! ```no_run
 //! use bytes::BytesMut;
 //! use mio::{Events, Poll, Token};
-//! use nbd_mio::{Config, Event, NbdConnection};
+//! use nbd_mio::{CmdFlags, Config, Event, NbdConnection};
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! const NBD: Token = Token(0);
@@ -55,7 +55,7 @@
 //!             // Default configuration: the handshake ends with GO on its own.
 //!             Event::GoSucceeded(info) => {
 //!                 println!("export size: {} bytes", info.size);
-//!                 nbd.read(0, BytesMut::zeroed(512), 0)?;
+//!                 nbd.read(0, BytesMut::zeroed(512), CmdFlags::empty())?;
 //!             }
 //!             Event::CommandDone { result, buffer, .. } => {
 //!                 result?;
@@ -106,6 +106,7 @@ pub use error::{Error, Result};
 /// The mio this crate is built on, so embedders use the same version.
 pub use mio;
 pub use nbd_core::{
-    self, CloseReason, CommandError, Config, Cookie, Event, ExportInfo, OptionKind, Phase, Strict,
+    self, CloseReason, CmdFlags, CommandError, Config, Cookie, Event, ExportInfo, Limits,
+    OptionKind, Phase, Refused, Strict, TlsMode, UsageError,
 };
 pub use nbd_driver::{IoStats, DEFAULT_MID_MESSAGE_RETRIES};

@@ -3,6 +3,7 @@
 
 mod common;
 
+use nbd_mio::CmdFlags;
 use std::collections::HashMap;
 use std::net::TcpListener;
 
@@ -50,10 +51,8 @@ fn disconnect(h: &mut Harness) {
 #[test]
 fn opt_mode_list_go_and_64_requests_in_flight() {
     let srv = nbdkit(&["memory", "64M"]);
-    let cfg = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
     let nbd = NbdConnection::connect_unix(srv.socket(), cfg).expect("connect");
     let mut h = Harness::new(nbd);
     h.run_until(|n| n.phase() != Phase::Connecting);
@@ -90,7 +89,7 @@ fn opt_mode_list_go_and_64_requests_in_flight() {
         let off = (i * LEN) as u64;
         assert!(h.nbd.conn().has_room(LEN as u64));
         let data = Bytes::from(pattern(off, LEN, 0x5a));
-        let c = h.nbd.write(off, data, 0).expect("write");
+        let c = h.nbd.write(off, data, CmdFlags::empty()).expect("write");
         offsets.insert(c, off);
     }
     assert_eq!(h.nbd.conn().in_flight(), N);
@@ -99,12 +98,15 @@ fn opt_mode_list_go_and_64_requests_in_flight() {
     assert_eq!(h.nbd.conn().in_flight(), 0);
 
     // A flush, and 64 reads in flight, checked against what was written.
-    let f = h.nbd.flush_command(0).expect("flush");
+    let f = h.nbd.flush_command(CmdFlags::empty()).expect("flush");
     assert!(complete_all(&mut h, 1).contains_key(&f));
     let mut offsets = HashMap::new();
     for i in 0..N {
         let off = (i * LEN) as u64;
-        let c = h.nbd.read(off, BytesMut::zeroed(LEN), 0).expect("read");
+        let c = h
+            .nbd
+            .read(off, BytesMut::zeroed(LEN), CmdFlags::empty())
+            .expect("read");
         offsets.insert(c, off);
     }
     assert_eq!(h.nbd.conn().in_flight(), N);
@@ -120,10 +122,10 @@ fn opt_mode_list_go_and_64_requests_in_flight() {
     // Other commands of the transmission phase complete as events too.
     let c = &mut h.nbd;
     let cmds = [
-        c.trim(0, 64 * KIB as u64, 0).expect("trim"),
-        c.write_zeroes(64 * KIB as u64, 64 * KIB as u64, 0)
+        c.trim(0, 64 * KIB as u64, CmdFlags::empty()).expect("trim"),
+        c.write_zeroes(64 * KIB as u64, 64 * KIB as u64, CmdFlags::empty())
             .expect("write_zeroes"),
-        c.cache(0, MIB as u64, 0).expect("cache"),
+        c.cache(0, MIB as u64, CmdFlags::empty()).expect("cache"),
     ];
     let done = complete_all(&mut h, cmds.len());
     assert!(cmds.iter().all(|c| done.contains_key(c)));
@@ -156,7 +158,10 @@ fn a_command_on_an_idle_connection_is_sent_without_rearming() {
     );
     let waits = h.nbd.io_stats().waits;
 
-    let cookie = h.nbd.read(0, BytesMut::zeroed(4 * KIB), 0).expect("read");
+    let cookie = h
+        .nbd
+        .read(0, BytesMut::zeroed(4 * KIB), CmdFlags::empty())
+        .expect("read");
     assert!(!h.nbd.conn().wants_write(), "the request went out at once");
     // The reply's readiness arrives without any call on the registry.
     let mut got = 0;
@@ -189,7 +194,7 @@ fn large_writes_with_small_socket_buffers_complete() {
     for i in 0..4 {
         let off = (i * LEN) as u64;
         let data = Bytes::from(pattern(off, LEN, i as u8));
-        cookies.push(h.nbd.write(off, data, 0).expect("write"));
+        cookies.push(h.nbd.write(off, data, CmdFlags::empty()).expect("write"));
     }
     // One flush sends part of the first payload and stops at a full socket.
     h.nbd.flush();
@@ -207,7 +212,10 @@ fn large_writes_with_small_socket_buffers_complete() {
     let mut reads = HashMap::new();
     for i in 0..4 {
         let off = (i * LEN) as u64;
-        let c = h.nbd.read(off, BytesMut::zeroed(LEN), 0).expect("read");
+        let c = h
+            .nbd
+            .read(off, BytesMut::zeroed(LEN), CmdFlags::empty())
+            .expect("read");
         reads.insert(c, (off, i as u8));
     }
     for (cookie, buf) in complete_all(&mut h, 4) {
@@ -235,9 +243,15 @@ fn tcp_uri_round_trip() {
         other => panic!("expected GoSucceeded, got {other:?}"),
     }
     let data = Bytes::from(pattern(4096, MIB, 9));
-    let w = h.nbd.write(4096, data.clone(), 0).expect("write");
+    let w = h
+        .nbd
+        .write(4096, data.clone(), CmdFlags::empty())
+        .expect("write");
     assert!(complete_all(&mut h, 1).contains_key(&w));
-    let r = h.nbd.read(4096, BytesMut::zeroed(MIB), 0).expect("read");
+    let r = h
+        .nbd
+        .read(4096, BytesMut::zeroed(MIB), CmdFlags::empty())
+        .expect("read");
     let mut done = complete_all(&mut h, 1);
     let buf = done.remove(&r).flatten().expect("buffer");
     assert!(buf[..] == data[..]);
@@ -270,10 +284,8 @@ fn refused_tcp_connect_ends_with_a_transport_error() {
 #[test]
 fn opt_abort_ends_cleanly() {
     let srv = nbdkit(&["memory", "1M"]);
-    let cfg = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
     let mut h = Harness::new(NbdConnection::connect(&srv.uri(), cfg).expect("connect"));
     h.run_until(|n| n.phase() == Phase::Negotiating);
     h.nbd.opt_abort().expect("opt_abort");
@@ -302,10 +314,8 @@ fn unsupported_transports_are_refused_clearly() {
         NbdConnection::connect_uri("http://x/", Config::default()),
         Err(Error::Uri(_))
     ));
-    let cfg = Config {
-        tls: nbd_mio::nbd_core::TlsMode::Require,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.tls = nbd_mio::nbd_core::TlsMode::Require;
     let (a, _b) = std::os::unix::net::UnixStream::pair().expect("pair");
     assert!(matches!(
         NbdConnection::from_unix_stream(a, cfg),

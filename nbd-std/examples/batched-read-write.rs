@@ -28,6 +28,7 @@
 //!
 //! The argument is a Unix socket path or an NBD URI.
 
+use nbd_std::CmdFlags;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -81,9 +82,11 @@ fn run(nbd: &mut Client, target: &str) -> Result<(), String> {
     // 2. One large read and one large write in flight together.
     let inverted: Bytes = b.iter().map(|x| !x).collect();
     let rc = nbd
-        .aio_pread(BytesMut::zeroed(p as usize), 0, 0)
+        .aio_pread(BytesMut::zeroed(p as usize), 0, CmdFlags::empty())
         .map_err(err)?;
-    let wc = nbd.aio_pwrite(inverted.clone(), p, 0).map_err(err)?;
+    let wc = nbd
+        .aio_pwrite(inverted.clone(), p, CmdFlags::empty())
+        .map_err(err)?;
     let read = wait_read(nbd, rc).map_err(err)?;
     wait_write(nbd, wc).map_err(err)?;
 
@@ -106,7 +109,11 @@ fn read_batch(nbd: &mut Client, offset: u64, len: u64, piece: u64) -> nbd_std::R
     let mut at = 0;
     while at < len {
         let n = piece.min(len - at);
-        cookies.push(nbd.aio_pread(BytesMut::zeroed(n as usize), offset + at, 0)?);
+        cookies.push(nbd.aio_pread(
+            BytesMut::zeroed(n as usize),
+            offset + at,
+            CmdFlags::empty(),
+        )?);
         at += n;
     }
     let mut out = Vec::with_capacity(len as usize);
@@ -123,7 +130,11 @@ fn write_batch(nbd: &mut Client, offset: u64, data: &Bytes, piece: u64) -> nbd_s
     let mut at = 0;
     while at < data.len() {
         let n = (piece as usize).min(data.len() - at);
-        cookies.push(nbd.aio_pwrite(data.slice(at..at + n), offset + at as u64, 0)?);
+        cookies.push(nbd.aio_pwrite(
+            data.slice(at..at + n),
+            offset + at as u64,
+            CmdFlags::empty(),
+        )?);
         at += n;
     }
     cookies.into_iter().try_for_each(|c| wait_write(nbd, c))

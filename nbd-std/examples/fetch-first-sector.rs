@@ -9,6 +9,7 @@
 //!
 //! The argument is a Unix socket path or an NBD URI.
 
+use nbd_std::CmdFlags;
 use std::process::ExitCode;
 
 #[path = "common/cli.rs"]
@@ -21,7 +22,7 @@ fn main() -> ExitCode {
         let (target, _) = cli::target_and_rest(args, "SOCKET|URI", 0)?;
         let mut nbd = cli::connect(target)?;
         let mut sector = [0u8; SECTOR];
-        nbd.pread(&mut sector, 0, 0)
+        nbd.pread(&mut sector, 0, CmdFlags::empty())
             .map_err(|e| format!("{target}: reading the first sector: {e}"))?;
         nbd.shutdown().map_err(|e| cli::describe(target, &e))?;
         cli::write_stdout(&sector)

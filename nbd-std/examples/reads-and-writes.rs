@@ -15,6 +15,7 @@
 //!
 //! The first argument is a Unix socket path or an NBD URI.
 
+use nbd_std::CmdFlags;
 use std::collections::HashMap;
 use std::process::ExitCode;
 
@@ -52,11 +53,13 @@ fn main() -> ExitCode {
         for _ in 0..count {
             let b = rng.below(blocks);
             rng.fill(&mut buf);
-            nbd.pwrite(&buf, b * BLOCK as u64, 0).map_err(err)?;
+            nbd.pwrite(&buf, b * BLOCK as u64, CmdFlags::empty())
+                .map_err(err)?;
             shadow.insert(b, buf.as_slice().into());
 
             let b = rng.below(blocks);
-            nbd.pread(&mut buf, b * BLOCK as u64, 0).map_err(err)?;
+            nbd.pread(&mut buf, b * BLOCK as u64, CmdFlags::empty())
+                .map_err(err)?;
             match shadow.get(&b) {
                 Some(expected) => compare(target, b, expected, &buf)?,
                 None => {
@@ -69,7 +72,8 @@ fn main() -> ExitCode {
         let mut seen: Vec<u64> = shadow.keys().copied().collect();
         seen.sort_unstable();
         for b in seen {
-            nbd.pread(&mut buf, b * BLOCK as u64, 0).map_err(err)?;
+            nbd.pread(&mut buf, b * BLOCK as u64, CmdFlags::empty())
+                .map_err(err)?;
             if let Some(expected) = shadow.get(&b) {
                 compare(target, b, expected, &buf)?;
             }

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use bytes::{Bytes, BytesMut};
 use nbd_core::{
-    BlockSize, CloseReason, Config, Connection, Cookie, Event, ExportInfo, Extent, OptionKind,
-    Phase, Protocol, ReadChunkKind, UsageError,
+    BlockSize, CloseReason, CmdFlags, Config, Connection, Cookie, Event, ExportInfo, Extent,
+    OptionKind, Phase, Protocol, ReadChunkKind, UsageError,
 };
 use nbd_driver::{Completion, Demux, Driver, RecvUntil, Socket};
 use rustix::event::{poll, PollFd, PollFlags};
@@ -32,7 +32,7 @@ const READS_PER_TURN: u32 = 16;
 /// [`CloseReason::Aborted`]) or not (the server hung up or broke the
 /// protocol, the socket failed: [`Phase::Dead`]). When it ends unexpectedly,
 /// a call waiting for the server returns [`Error::Closed`] and a command in
-/// flight completes with [`CommandError::ConnectionClosed`]. From then on,
+/// flight completes with [`nbd_core::CommandError::ConnectionClosed`]. From then on,
 /// after either kind of end, every call that needs the connection (the
 /// `opt_*` calls, [`Client::set_export_name`], and every command, `aio_*` or
 /// blocking) fails at once with [`Error::Closed`] carrying
@@ -118,7 +118,14 @@ impl Client {
             unsupported: None,
             spare: None,
         };
-        c.run_until(|c| c.conn.phase() != Phase::Connecting)?;
+        let r = c.run_until(|c| c.conn.phase() != Phase::Connecting);
+        // A server may close right after GO (the export is known by then):
+        // like libnbd, the connect succeeded; later calls report the close.
+        let lost = c.conn.close_reason().is_none_or(|r| r.is_loss());
+        if c.went && !lost {
+            return Ok(c);
+        }
+        r?;
         c.check_open()?;
         Ok(c)
     }
@@ -514,9 +521,12 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: u16) -> Result<Cookie> {
+    pub fn aio_pread(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         self.wait_room(buf.len() as u64)?;
-        Ok(self.conn.read(offset, buf, flags)?)
+        Ok(self
+            .conn
+            .read(offset, buf, flags)
+            .map_err(UsageError::from)?)
     }
 
     /// Queues a read that also reports every structured chunk.
@@ -528,10 +538,13 @@ impl Client {
         &mut self,
         buf: BytesMut,
         offset: u64,
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Cookie> {
         self.wait_room(buf.len() as u64)?;
-        Ok(self.conn.read_with_chunks(offset, buf, flags)?)
+        Ok(self
+            .conn
+            .read_with_chunks(offset, buf, flags)
+            .map_err(UsageError::from)?)
     }
 
     /// Queues a write of `data` at `offset` (sent without copying `data`).
@@ -539,9 +552,12 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: u16) -> Result<Cookie> {
+    pub fn aio_pwrite(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<Cookie> {
         self.wait_room(data.len() as u64)?;
-        Ok(self.conn.write(offset, data, flags)?)
+        Ok(self
+            .conn
+            .write(offset, data, flags)
+            .map_err(UsageError::from)?)
     }
 
     /// Queues a flush.
@@ -549,7 +565,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_flush(&mut self, flags: u16) -> Result<Cookie> {
+    pub fn aio_flush(&mut self, flags: CmdFlags) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.flush(flags)?)
     }
@@ -559,7 +575,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_trim(&mut self, offset: u64, count: u64, flags: u16) -> Result<Cookie> {
+    pub fn aio_trim(&mut self, offset: u64, count: u64, flags: CmdFlags) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.trim(offset, count, flags)?)
     }
@@ -569,7 +585,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_cache(&mut self, offset: u64, count: u64, flags: u16) -> Result<Cookie> {
+    pub fn aio_cache(&mut self, offset: u64, count: u64, flags: CmdFlags) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.cache(offset, count, flags)?)
     }
@@ -579,7 +595,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_zero(&mut self, offset: u64, count: u64, flags: u16) -> Result<Cookie> {
+    pub fn aio_zero(&mut self, offset: u64, count: u64, flags: CmdFlags) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.write_zeroes(offset, count, flags)?)
     }
@@ -589,7 +605,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn aio_block_status(&mut self, offset: u64, count: u64, flags: u16) -> Result<Cookie> {
+    pub fn aio_block_status(&mut self, offset: u64, count: u64, flags: CmdFlags) -> Result<Cookie> {
         self.wait_room(0)?;
         Ok(self.conn.block_status(offset, count, flags)?)
     }
@@ -647,7 +663,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn pread(&mut self, buf: &mut [u8], offset: u64, flags: u16) -> Result<()> {
+    pub fn pread(&mut self, buf: &mut [u8], offset: u64, flags: CmdFlags) -> Result<()> {
         let mut b = self.spare.take().unwrap_or_default();
         b.resize(buf.len(), 0);
         let cookie = self.aio_pread(b, offset, flags)?;
@@ -666,7 +682,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn pread_buf(&mut self, buf: BytesMut, offset: u64, flags: u16) -> Result<BytesMut> {
+    pub fn pread_buf(&mut self, buf: BytesMut, offset: u64, flags: CmdFlags) -> Result<BytesMut> {
         let cookie = self.aio_pread(buf, offset, flags)?;
         let c = self.wait_ok(cookie)?;
         Ok(c.buffer.unwrap_or_default())
@@ -682,7 +698,7 @@ impl Client {
         &mut self,
         buf: &mut [u8],
         offset: u64,
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Vec<(u64, u64, ReadChunkKind)>> {
         let mut b = BytesMut::zeroed(buf.len());
         b.truncate(buf.len());
@@ -700,7 +716,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn pwrite(&mut self, buf: &[u8], offset: u64, flags: u16) -> Result<()> {
+    pub fn pwrite(&mut self, buf: &[u8], offset: u64, flags: CmdFlags) -> Result<()> {
         self.pwrite_bytes(Bytes::copy_from_slice(buf), offset, flags)
     }
 
@@ -709,7 +725,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn pwrite_bytes(&mut self, data: Bytes, offset: u64, flags: u16) -> Result<()> {
+    pub fn pwrite_bytes(&mut self, data: Bytes, offset: u64, flags: CmdFlags) -> Result<()> {
         let cookie = self.aio_pwrite(data, offset, flags)?;
         self.wait_ok(cookie).map(|_| ())
     }
@@ -719,7 +735,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn flush(&mut self, flags: u16) -> Result<()> {
+    pub fn flush(&mut self, flags: CmdFlags) -> Result<()> {
         let c = self.aio_flush(flags)?;
         self.wait_ok(c).map(|_| ())
     }
@@ -729,7 +745,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn trim(&mut self, offset: u64, count: u64, flags: u16) -> Result<()> {
+    pub fn trim(&mut self, offset: u64, count: u64, flags: CmdFlags) -> Result<()> {
         let c = self.aio_trim(offset, count, flags)?;
         self.wait_ok(c).map(|_| ())
     }
@@ -739,7 +755,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn cache(&mut self, offset: u64, count: u64, flags: u16) -> Result<()> {
+    pub fn cache(&mut self, offset: u64, count: u64, flags: CmdFlags) -> Result<()> {
         let c = self.aio_cache(offset, count, flags)?;
         self.wait_ok(c).map(|_| ())
     }
@@ -749,7 +765,7 @@ impl Client {
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
-    pub fn zero(&mut self, offset: u64, count: u64, flags: u16) -> Result<()> {
+    pub fn zero(&mut self, offset: u64, count: u64, flags: CmdFlags) -> Result<()> {
         let c = self.aio_zero(offset, count, flags)?;
         self.wait_ok(c).map(|_| ())
     }
@@ -764,7 +780,7 @@ impl Client {
         &mut self,
         offset: u64,
         count: u64,
-        flags: u16,
+        flags: CmdFlags,
     ) -> Result<Vec<(String, Vec<Extent>)>> {
         let c = self.aio_block_status(offset, count, flags)?;
         let c = self.wait_ok(c)?;
@@ -786,8 +802,10 @@ impl Client {
     /// the server to close.
     ///
     /// Returns `Ok(())` once the connection ended cleanly, including when it
-    /// already had (a repeated `shutdown`); [`Error::Closed`] with the reason
-    /// if it ended any other way, now or before. Every later call that needs
+    /// already had (a repeated `shutdown`) or when the server had hung up
+    /// with nothing in flight (nothing was lost, see
+    /// [`CloseReason::is_loss`]); [`Error::Closed`] with the reason if it
+    /// ended any other way, now or before. Every later call that needs
     /// the connection fails with [`Error::Closed`]
     /// ([details](Client#after-the-connection-ended)).
     pub fn shutdown(&mut self) -> Result<()> {
@@ -804,8 +822,15 @@ impl Client {
                 }
                 self.finish_writes();
                 let _ = self.run_until(|c| c.conn.is_finished());
-                self.check_open()
+                self.shutdown_result()
             }
+            _ => self.shutdown_result(),
+        }
+    }
+
+    fn shutdown_result(&self) -> Result<()> {
+        match self.conn.close_reason() {
+            Some(r) if !r.is_loss() => Ok(()),
             _ => self.check_open(),
         }
     }

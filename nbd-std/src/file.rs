@@ -1,5 +1,6 @@
 //! [`NbdFile`]: an export seen as a file (`Read + Write + Seek`).
 
+use nbd_core::CmdFlags;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use crate::client::Client;
@@ -53,7 +54,8 @@ impl Read for NbdFile {
         if n == 0 {
             return Ok(0);
         }
-        self.client.pread(&mut buf[..n], self.pos, 0)?;
+        self.client
+            .pread(&mut buf[..n], self.pos, CmdFlags::empty())?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -72,14 +74,14 @@ impl Write for NbdFile {
             ));
         }
         let n = (buf.len() as u64).min(left).min(self.max_io as u64) as usize;
-        self.client.pwrite(&buf[..n], self.pos, 0)?;
+        self.client.pwrite(&buf[..n], self.pos, CmdFlags::empty())?;
         self.pos += n as u64;
         Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
         if self.client.export_info()?.can_flush() {
-            self.client.flush(0)?;
+            self.client.flush(CmdFlags::empty())?;
         }
         Ok(())
     }

@@ -17,7 +17,8 @@
 //!
 //! ```no_run
 //! use nbd_std::{Client, Config};
-//! let cfg = Config { opt_mode: true, ..Config::default() };
+//! let mut cfg = Config::default();
+//! cfg.opt_mode = true;
 //! let mut c = Client::connect("/tmp/sock", cfg)?;
 //! for (name, description) in c.opt_list()? {
 //!     println!("{name} {description}");
@@ -42,7 +43,8 @@ pub use client::Client;
 pub use error::{Error, Result};
 pub use file::NbdFile;
 pub use nbd_core::{
-    self, consts, BlockSize, CloseReason, CommandError, Config, Cookie, ExportInfo, Extent, Limits,
-    NbdErrno, OptionError, OptionKind, Phase, ReadChunkKind, Strict, TlsMode, UsageError,
+    self, consts, BlockSize, CloseReason, CmdFlags, CommandError, Config, Cookie, ExportInfo,
+    Extent, Limits, NbdErrno, OptionError, OptionKind, Phase, ReadChunkKind, Refused, Strict,
+    TlsMode, UsageError,
 };
 pub use nbd_driver::{self, Completion, IoStats};

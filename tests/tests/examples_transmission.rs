@@ -6,6 +6,7 @@
 //! checks the exit status, stdout and stderr: success is status 0 with nothing on stderr; a failure
 //! is status 1 with exactly one line on stderr and no panic.
 
+use nbd_std::CmdFlags;
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 
@@ -353,14 +354,16 @@ fn pattern(len: u64) -> Vec<u8> {
 /// Fills an export with [`pattern`] over the client under test.
 fn fill(target: &str, len: u64) {
     let mut c = Client::connect(target, Config::default()).expect("connect");
-    c.pwrite(&pattern(len), 0, 0).expect("fill the export");
+    c.pwrite(&pattern(len), 0, CmdFlags::empty())
+        .expect("fill the export");
     c.shutdown().expect("shutdown");
 }
 
 fn read_all(target: &str, len: u64) -> Vec<u8> {
     let mut c = Client::connect(target, Config::default()).expect("connect");
     let mut v = vec![0u8; len as usize];
-    c.pread(&mut v, 0, 0).expect("read the export");
+    c.pread(&mut v, 0, CmdFlags::empty())
+        .expect("read the export");
     c.shutdown().expect("shutdown");
     v
 }

@@ -4,6 +4,7 @@
 //! boundary), flush reaching the backing file, buffered wrappers, and a
 //! read-only export.
 
+use nbd_std::CmdFlags;
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, ErrorKind, Read, Seek, SeekFrom, Write};
 
@@ -129,7 +130,7 @@ fn file_copy_in_seek_around_read_back_and_eof() {
     // The client is still usable after the adapter.
     let mut c = f.into_inner();
     let mut last = [0u8; 8];
-    c.pread(&mut last, size - 8, 0).unwrap();
+    c.pread(&mut last, size - 8, CmdFlags::empty()).unwrap();
     assert_eq!(&last[..], &expect[size as usize - 8..]);
     c.shutdown().unwrap();
 }

@@ -20,6 +20,7 @@
 //! replies split into data and hole chunks that interleave with other
 //! replies — in simple, structured and extended-header mode.
 
+use nbd_std::CmdFlags;
 use std::cell::RefCell;
 use std::sync::mpsc;
 
@@ -169,12 +170,16 @@ struct Pending {
 /// Submits one command through the pipelined API.
 fn submit(c: &mut Client, op: &Op) -> Result<Cookie, Error> {
     match op.kind {
-        Kind::Write(seed) => c.aio_pwrite(Bytes::from(payload(seed, op.off, op.len)), op.off, 0),
-        Kind::Read => c.aio_pread(BytesMut::zeroed(op.len as usize), op.off, 0),
-        Kind::Trim => c.aio_trim(op.off, op.len, 0),
-        Kind::Zero => c.aio_zero(op.off, op.len, 0),
-        Kind::Flush => c.aio_flush(0),
-        Kind::Cache => c.aio_cache(op.off, op.len, 0),
+        Kind::Write(seed) => c.aio_pwrite(
+            Bytes::from(payload(seed, op.off, op.len)),
+            op.off,
+            CmdFlags::empty(),
+        ),
+        Kind::Read => c.aio_pread(BytesMut::zeroed(op.len as usize), op.off, CmdFlags::empty()),
+        Kind::Trim => c.aio_trim(op.off, op.len, CmdFlags::empty()),
+        Kind::Zero => c.aio_zero(op.off, op.len, CmdFlags::empty()),
+        Kind::Flush => c.aio_flush(CmdFlags::empty()),
+        Kind::Cache => c.aio_cache(op.off, op.len, CmdFlags::empty()),
     }
 }
 
@@ -270,7 +275,7 @@ fn execute(
     let mut cookies = Vec::new();
     for off in (0..SIZE).step_by(65536) {
         let ck = c
-            .aio_pread(BytesMut::zeroed(65536), off, 0)
+            .aio_pread(BytesMut::zeroed(65536), off, CmdFlags::empty())
             .map_err(|e| TestCaseError::fail(format!("final read at {off}: {e}")))?;
         cookies.push((ck, off));
     }
@@ -311,7 +316,7 @@ fn model_vs_nbdkit_memory() {
     runner(32)
         .run(&ops_strategy(), |ops| {
             let mut c = client.borrow_mut();
-            c.zero(0, SIZE, 0).expect("reset the disk");
+            c.zero(0, SIZE, CmdFlags::empty()).expect("reset the disk");
             let mut model = Model::zeroed();
             let mut n = batches_cell.borrow_mut();
             execute(&mut c, &mut model, &ops, &mut |_| **n += 1)
@@ -474,7 +479,7 @@ fn model_vs_fake(mode: Mode, cases: u32) {
                 tx.send(k).expect("fake server gone");
             };
             // Reset to zeroes (one batch of one command).
-            let ck = c.aio_zero(0, SIZE, 0).expect("reset");
+            let ck = c.aio_zero(0, SIZE, CmdFlags::empty()).expect("reset");
             sent(1);
             c.wait(ck).expect("reset").result.expect("reset");
             let mut model = Model::zeroed();

@@ -9,6 +9,7 @@
 //! Client calls that could hang on a broken client run under [`guarded`]:
 //! on another thread, failing the test after 10 s.
 
+use nbd_std::CmdFlags;
 use std::io::{self, ErrorKind, Read};
 use std::net::Shutdown;
 use std::sync::mpsc;
@@ -39,20 +40,18 @@ fn guarded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static
 }
 
 fn opt_mode() -> Config {
-    Config {
-        opt_mode: true,
-        ..Config::default()
-    }
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
+    cfg
 }
 
 /// Option mode without the automatic EXTENDED_HEADERS / STRUCTURED_REPLY:
 /// the first option on the wire is the test's own.
 fn bare_opt_mode() -> Config {
-    Config {
-        opt_mode: true,
-        request_structured_replies: false,
-        ..Config::default()
-    }
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
+    cfg.request_structured_replies = false;
+    cfg
 }
 
 fn connect(server: &FakeServer, cfg: Config) -> Result<Client, Error> {
@@ -179,7 +178,7 @@ fn assert_protocol_error(r: Result<Client, Error>, what: &str) -> ProtocolError 
 
 fn read16(c: &mut Client, offset: u64) -> Vec<u8> {
     let mut b = vec![0u8; 16];
-    c.pread(&mut b, offset, 0).expect("pread");
+    c.pread(&mut b, offset, CmdFlags::empty()).expect("pread");
     b
 }
 
@@ -224,7 +223,7 @@ fn check_fallback_client(server: FakeServer, cfg: Config) {
     );
     // The padding was consumed exactly: the next bytes parse as replies.
     assert_eq!(read16(&mut c, 100), disk(4096)[100..116]);
-    c.flush(0).unwrap();
+    c.flush(CmdFlags::empty()).unwrap();
     c.shutdown().unwrap();
     server.join().unwrap();
 }
@@ -251,10 +250,8 @@ fn go_unsup_falls_back_to_export_name_with_zeroes() {
 #[test]
 fn client_without_no_zeroes_gets_zero_padding() {
     let s = fallback_server(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES, 1, true);
-    let cfg = Config {
-        handshake_flags: consts::client_flags::FIXED_NEWSTYLE,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.handshake_flags = consts::client_flags::FIXED_NEWSTYLE;
     check_fallback_client(s, cfg);
 }
 
@@ -958,10 +955,8 @@ fn truncated_at_every_offset_opt_mode() {
         let s = truncating_server(n);
         let path = s.socket().to_path_buf();
         let r = guarded(&format!("{n} bytes"), move || {
-            let cfg = Config {
-                full_info: true,
-                ..opt_mode()
-            };
+            let mut cfg = opt_mode();
+            cfg.full_info = true;
             let mut c = Client::connect_unix(path, cfg)?;
             let list = c.opt_list()?;
             assert_eq!(
@@ -1111,7 +1106,7 @@ fn unknown_info_types_ignored_in_any_order() {
     let bs = c.get_block_size().unwrap().unwrap();
     assert_eq!((bs.minimum, bs.preferred, bs.maximum), (512, 4096, 1 << 20));
     let mut b = vec![0u8; 512];
-    c.pread(&mut b, 512, 0).unwrap();
+    c.pread(&mut b, 512, CmdFlags::empty()).unwrap();
     assert_eq!(b, disk(1 << 16)[512..1024]);
     c.shutdown().unwrap();
     s.join().unwrap();
@@ -1293,7 +1288,7 @@ fn calls_after_the_end_report_the_close_reason() {
         });
         let mut c = connect(&s, bare_opt_mode()).unwrap();
         // Alive: a command in option mode is a phase error.
-        let e = c.pread(&mut [0u8; 512], 0, 0).unwrap_err();
+        let e = c.pread(&mut [0u8; 512], 0, CmdFlags::empty()).unwrap_err();
         assert!(
             matches!(e, Error::Usage(UsageError::WrongPhase { .. })),
             "{end:?}: pread while negotiating: {e:?}"
@@ -1322,7 +1317,7 @@ fn calls_after_the_end_report_the_close_reason() {
             End::DiesReady => {
                 c.opt_go().unwrap();
                 let (back, r) = guarded("pread", move || {
-                    let r = c.pread(&mut [0u8; 512], 0, 0);
+                    let r = c.pread(&mut [0u8; 512], 0, CmdFlags::empty());
                     (c, r)
                 });
                 c = back;
@@ -1343,9 +1338,16 @@ fn calls_after_the_end_report_the_close_reason() {
                 assert_eq!(reason, CloseReason::Disconnected);
                 assert_eq!(c.phase(), Phase::Closed);
             }
-            End::DiesNegotiating | End::DiesReady => {
+            End::DiesNegotiating => {
                 assert!(
                     matches!(reason, CloseReason::ServerKilledConnection { .. }),
+                    "{end:?}: {reason:?}"
+                );
+                assert_eq!(c.phase(), Phase::Dead);
+            }
+            End::DiesReady => {
+                assert!(
+                    matches!(reason, CloseReason::ServerClosed { lost: 1, .. }),
                     "{end:?}: {reason:?}"
                 );
                 assert_eq!(c.phase(), Phase::Dead);
@@ -1362,10 +1364,13 @@ fn calls_after_the_end_report_the_close_reason() {
                 c.opt_set_meta_context(&["nocolon"]).map(drop),
             ),
             ("set_export_name", c.set_export_name("x")),
-            ("pread", c.pread(&mut [0u8; 512], 0, 0)),
-            ("pwrite", c.pwrite(&[1; 512], 0, 0)),
-            ("aio_flush", c.aio_flush(0).map(drop)),
-            ("block_status", c.block_status(0, 512, 0).map(drop)),
+            ("pread", c.pread(&mut [0u8; 512], 0, CmdFlags::empty())),
+            ("pwrite", c.pwrite(&[1; 512], 0, CmdFlags::empty())),
+            ("aio_flush", c.aio_flush(CmdFlags::empty()).map(drop)),
+            (
+                "block_status",
+                c.block_status(0, 512, CmdFlags::empty()).map(drop),
+            ),
         ];
         for (call, r) in calls {
             match r {
@@ -1374,9 +1379,9 @@ fn calls_after_the_end_report_the_close_reason() {
             }
         }
         assert_eq!(c.aio_in_flight(), 0);
-        // Ending an ended connection again: Ok after a clean end, the
-        // reason after any other.
-        match (reason.is_clean(), c.shutdown()) {
+        // Ending an ended connection again: Ok after an end that lost
+        // nothing, the reason after any other.
+        match (!reason.is_loss(), c.shutdown()) {
             (true, Ok(())) => {}
             (false, Err(Error::Closed(r))) => assert_eq!(r, reason, "{end:?}: shutdown"),
             (_, other) => panic!("{end:?}: shutdown: {other:?}"),

@@ -9,6 +9,7 @@
 //! client is always declared after the server so it is dropped (and hangs
 //! up) first.
 
+use nbd_std::CmdFlags;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -24,10 +25,9 @@ use nbd_tests::{
 // ------------------------------------------------------------------ helpers
 
 fn opt_mode() -> Config {
-    Config {
-        opt_mode: true,
-        ..Config::default()
-    }
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
+    cfg
 }
 
 /// Byte `i` of the test images.
@@ -98,7 +98,7 @@ fn assert_flags_match(c: &Client, json: &str) {
 
 fn read_back(c: &mut Client, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
-    c.pread(&mut buf, offset, 0).expect("pread");
+    c.pread(&mut buf, offset, CmdFlags::empty()).expect("pread");
     buf
 }
 
@@ -143,10 +143,8 @@ fn qemu_hello(dir: &Path) -> nbd_tests::Server {
 fn qemu_nbd_opt_mode_list_info_go() {
     let data = scratch_dir();
     let s = qemu_hello(data.path());
-    let cfg = Config {
-        full_info: true,
-        ..opt_mode()
-    };
+    let mut cfg = opt_mode();
+    cfg.full_info = true;
     let mut c = Client::connect_unix(s.socket(), cfg).unwrap();
     assert_eq!(c.phase(), Phase::Negotiating);
     assert_eq!(c.get_protocol(), Some("newstyle-fixed"));
@@ -220,10 +218,8 @@ fn qemu_default_connect_requests_block_size_in_go() {
 fn qemu_structured_reply_after_extended_headers_keeps_extended_headers() {
     let data = scratch_dir();
     let s = qemu_hello(data.path());
-    let cfg = Config {
-        request_structured_replies: false,
-        ..opt_mode()
-    };
+    let mut cfg = opt_mode();
+    cfg.request_structured_replies = false;
     let mut c = Client::connect(&s.uri(), cfg).unwrap();
     assert!(!c.get_structured_replies_negotiated());
     assert!(!c.get_extended_headers_negotiated());
@@ -249,10 +245,8 @@ fn qemu_structured_reply_after_extended_headers_keeps_extended_headers() {
 fn qemu_structured_reply_then_extended_headers() {
     let data = scratch_dir();
     let s = qemu_hello(data.path());
-    let cfg = Config {
-        request_extended_headers: false,
-        ..opt_mode()
-    };
+    let mut cfg = opt_mode();
+    cfg.request_extended_headers = false;
     let mut c = Client::connect(&s.uri(), cfg).unwrap();
     assert!(c.get_structured_replies_negotiated());
     assert!(!c.get_extended_headers_negotiated());
@@ -323,7 +317,7 @@ fn qemu_list_and_set_meta_contexts() {
     assert!(c.can_meta_context("qemu:dirty-bitmap:bm0"));
     assert!(!c.can_meta_context("qemu:allocation-depth"));
     let mut names: Vec<String> = c
-        .block_status(0, 65536, 0)
+        .block_status(0, 65536, CmdFlags::empty())
         .unwrap()
         .into_iter()
         .map(|(n, e)| {
@@ -353,7 +347,7 @@ fn nbdkit_refusing_extended_headers_gets_compact_headers() {
     assert!(c.can_meta_context("base:allocation"));
     assert_eq!(c.get_size().unwrap(), 1 << 20);
     assert_matches_nbdinfo(&c, &s.uri());
-    c.pwrite(b"hello", 4096, 0).unwrap();
+    c.pwrite(b"hello", 4096, CmdFlags::empty()).unwrap();
     assert_eq!(read_back(&mut c, 4096, 5), b"hello");
     c.shutdown().unwrap();
 
@@ -368,10 +362,8 @@ fn nbdkit_refusing_extended_headers_gets_compact_headers() {
 #[test]
 fn nbdkit_memory_opt_mode() {
     let s = nbdkit(&["memory", "1M"]);
-    let cfg = Config {
-        request_structured_replies: false,
-        ..opt_mode()
-    };
+    let mut cfg = opt_mode();
+    cfg.request_structured_replies = false;
     let mut c = Client::connect_unix(s.socket(), cfg).unwrap();
     assert!(!c.get_structured_replies_negotiated());
     assert!(c.opt_structured_reply().unwrap());
@@ -398,7 +390,7 @@ fn nbdkit_memory_opt_mode() {
     );
     c.opt_go().unwrap();
     assert!(c.can_meta_context("base:allocation"));
-    let bs = c.block_status(0, 1 << 20, 0).unwrap();
+    let bs = c.block_status(0, 1 << 20, CmdFlags::empty()).unwrap();
     assert_eq!(bs.len(), 1);
     assert_eq!(bs[0].0, "base:allocation");
     c.shutdown().unwrap();
@@ -494,7 +486,7 @@ fn nbdkit_oldstyle_is_ready_at_once() {
     assert_eq!(c.get_size().unwrap(), 12288);
     assert!(!c.get_structured_replies_negotiated());
     assert!(c.opt_list().is_err(), "no options in oldstyle");
-    c.pwrite(&[7; 512], 512, 0).unwrap();
+    c.pwrite(&[7; 512], 512, CmdFlags::empty()).unwrap();
     assert_eq!(read_back(&mut c, 512, 512), [7; 512]);
     c.shutdown().unwrap();
 
@@ -520,7 +512,7 @@ fn nbdkit_plain_newstyle_uses_only_export_name() {
         0,
         "doc/proto.md, Client flags"
     );
-    c.pwrite(b"abc", 0, 0).unwrap();
+    c.pwrite(b"abc", 0, CmdFlags::empty()).unwrap();
     assert_eq!(read_back(&mut c, 0, 3), b"abc");
     c.shutdown().unwrap();
 
@@ -561,7 +553,7 @@ fn nbdkit_refusing_structured_replies_gets_simple_replies() {
         "DF needs structured replies"
     );
     assert_matches_nbdinfo(&c, &s.uri());
-    c.pwrite(&[1, 2, 3], 10, 0).unwrap();
+    c.pwrite(&[1, 2, 3], 10, CmdFlags::empty()).unwrap();
     assert_eq!(read_back(&mut c, 9, 5), [0, 1, 2, 3, 0]);
     c.shutdown().unwrap();
 
@@ -579,7 +571,7 @@ fn nbdkit_over_tcp_loopback() {
     let mut c = Client::connect_tcp(addr, Config::default()).unwrap();
     assert_eq!(c.get_size().unwrap(), 65536);
     assert_eq!(c.target(), addr.to_string());
-    c.pwrite(b"tcp", 0, 0).unwrap();
+    c.pwrite(b"tcp", 0, CmdFlags::empty()).unwrap();
     c.shutdown().unwrap();
 
     let uri = format!("nbd://127.0.0.1:{}/", addr.port());
@@ -751,7 +743,11 @@ fn mio_adapter_list_go_read_nbdkit_eval() {
     assert_eq!(n.phase(), Phase::Ready);
 
     let cookie = n
-        .read(0, bytes::BytesMut::from(&[0xffu8; 7][..]), 0)
+        .read(
+            0,
+            bytes::BytesMut::from(&[0xffu8; 7][..]),
+            CmdFlags::empty(),
+        )
         .unwrap();
     let evs = mio_until(&mut n, |_, e| {
         e.iter()
@@ -787,7 +783,9 @@ fn mio_adapter_default_connect_qemu_extended_headers() {
     assert_eq!((info.name.as_str(), info.size), ("hello", 2048));
     assert!(info.block_size.is_some());
     assert!(n.conn().extended_headers_negotiated());
-    let cookie = n.read(2000, bytes::BytesMut::zeroed(48), 0).unwrap();
+    let cookie = n
+        .read(2000, bytes::BytesMut::zeroed(48), CmdFlags::empty())
+        .unwrap();
     let evs = mio_until(&mut n, |_, e| {
         e.iter()
             .any(|e| matches!(e, MioEvent::CommandDone { cookie: c, .. } if *c == cookie))

@@ -11,6 +11,7 @@
 //!
 //! The duration is `NBD_SOAK_SECS` seconds per server (default 3).
 
+use nbd_std::CmdFlags;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
@@ -167,10 +168,11 @@ fn worker(
                 let at = (off - base) as usize;
                 shadow[at..at + n as usize].copy_from_slice(&data);
                 st.writes += 1;
-                c.aio_pwrite(Bytes::from(data), off, 0).expect("aio_pwrite")
+                c.aio_pwrite(Bytes::from(data), off, CmdFlags::empty())
+                    .expect("aio_pwrite")
             } else {
                 st.reads += 1;
-                c.aio_pread(BytesMut::zeroed(n as usize), off, 0)
+                c.aio_pread(BytesMut::zeroed(n as usize), off, CmdFlags::empty())
                     .expect("aio_pread")
             };
             st.bytes += n;
@@ -187,13 +189,15 @@ fn worker(
     }
     assert_eq!(c.aio_in_flight(), 0);
     if c.export_info().unwrap().can_flush() {
-        c.flush(0).expect("flush");
+        c.flush(CmdFlags::empty()).expect("flush");
     }
     // The whole stripe, read back at the end.
     let mut off = base;
     while off < base + len {
         let n = (base + len - off).min(MIB);
-        let b = c.pread_buf(BytesMut::zeroed(n as usize), off, 0).unwrap();
+        let b = c
+            .pread_buf(BytesMut::zeroed(n as usize), off, CmdFlags::empty())
+            .unwrap();
         let p = Pending {
             off,
             len: n,
@@ -261,8 +265,8 @@ fn par01_nbdkit_memory_4_connections_64_in_flight() {
         let mut c = Client::connect(&uri, Config::default()).unwrap();
         assert!(c.export_info().unwrap().can_multi_conn());
         let shared: Vec<u8> = (size - SHARED..size).map(pattern).collect();
-        c.pwrite(&shared, size - SHARED, 0).unwrap();
-        c.flush(0).unwrap();
+        c.pwrite(&shared, size - SHARED, CmdFlags::empty()).unwrap();
+        c.flush(CmdFlags::empty()).unwrap();
         c.shutdown().unwrap();
     }
     par01("nbdkit memory 64M", &uri, size, memory_init);

@@ -11,6 +11,7 @@
 //! [`Server`] drops. Clients are dropped (or shut down) before their server,
 //! because nbdkit ignores SIGTERM while a client is connected.
 
+use nbd_std::CmdFlags;
 use std::io::ErrorKind;
 use std::path::Path;
 use std::process::Command;
@@ -18,7 +19,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use nbd_core::consts::{cmd_flags as cf, state, CONTEXT_BASE_ALLOCATION};
+use nbd_core::consts::{state, CONTEXT_BASE_ALLOCATION};
 use nbd_core::{BlockSize, CloseReason, CommandError, UsageError};
 use nbd_std::{Client, Config, Cookie, Error, Extent, Phase, ReadChunkKind, Strict};
 use nbd_tests::servers::{
@@ -29,7 +30,7 @@ const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
 /// A command flag bit no version of the spec defines.
-const UNKNOWN_FLAG: u16 = 1 << 10;
+const UNKNOWN_FLAG: CmdFlags = CmdFlags::from_bits(1 << 10);
 
 const HOLE: u64 = state::HOLE as u64;
 const ZERO: u64 = state::ZERO as u64;
@@ -56,7 +57,7 @@ fn connect(uri: &str, cfg: Config) -> Client {
 
 fn read_vec(c: &mut Client, offset: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0xeeu8; len];
-    c.pread(&mut v, offset, 0)
+    c.pread(&mut v, offset, CmdFlags::empty())
         .unwrap_or_else(|e| panic!("pread {len} bytes at {offset}: {e}"));
     v
 }
@@ -95,10 +96,9 @@ fn usage(r: Result<(), Error>, what: &str) -> UsageError {
 }
 
 fn cfg_strict(strict: Strict) -> Config {
-    Config {
-        strict,
-        ..Config::default()
-    }
+    let mut cfg = Config::default();
+    cfg.strict = strict;
+    cfg
 }
 
 /// IO-01: the data round-trip workload. Writes (aligned, unaligned where
@@ -113,24 +113,45 @@ fn io_workload(c: &mut Client, shadow: &mut [u8], trim_zeroes: bool, seed: u64) 
     assert!(size >= 2 * MIB, "workload needs at least 2 MiB");
     let info = c.export_info().unwrap().clone();
     let minimum = info.block_size.map(|b| b.minimum).unwrap_or(1) as u64;
-    let put = |c: &mut Client, shadow: &mut [u8], off: u64, len: usize, flags: u16, s: u64| {
+    let put = |c: &mut Client, shadow: &mut [u8], off: u64, len: usize, flags: CmdFlags, s: u64| {
         let data = noise(s, len);
         c.pwrite(&data, off, flags)
-            .unwrap_or_else(|e| panic!("pwrite {len} at {off} flags {flags:#x}: {e}"));
+            .unwrap_or_else(|e| panic!("pwrite {len} at {off} flags {flags:?}: {e}"));
         shadow[off as usize..off as usize + len].copy_from_slice(&data);
     };
 
     // Plain writes at the start, in the middle and at the very end.
-    put(c, shadow, 0, 64 * KIB as usize, 0, seed);
-    put(c, shadow, MIB, 200 * KIB as usize, 0, seed + 1);
-    put(c, shadow, size - 8 * KIB, 8 * KIB as usize, 0, seed + 2);
+    put(c, shadow, 0, 64 * KIB as usize, CmdFlags::empty(), seed);
+    put(
+        c,
+        shadow,
+        MIB,
+        200 * KIB as usize,
+        CmdFlags::empty(),
+        seed + 1,
+    );
+    put(
+        c,
+        shadow,
+        size - 8 * KIB,
+        8 * KIB as usize,
+        CmdFlags::empty(),
+        seed + 2,
+    );
     if minimum == 1 {
         // Unaligned offset and length.
-        put(c, shadow, 300 * KIB + 123, 5000, 0, seed + 3);
-        put(c, shadow, 7, 1, 0, seed + 4);
+        put(
+            c,
+            shadow,
+            300 * KIB + 123,
+            5000,
+            CmdFlags::empty(),
+            seed + 3,
+        );
+        put(c, shadow, 7, 1, CmdFlags::empty(), seed + 4);
     }
     if info.can_flush() {
-        c.flush(0).expect("flush");
+        c.flush(CmdFlags::empty()).expect("flush");
     }
     for (off, len) in [(0, 64 * KIB), (MIB, 200 * KIB), (size - 8 * KIB, 8 * KIB)] {
         assert_data(
@@ -147,7 +168,14 @@ fn io_workload(c: &mut Client, shadow: &mut [u8], trim_zeroes: bool, seed: u64) 
 
     // FUA write (IO-02): accepted because advertised.
     if info.can_fua() {
-        put(c, shadow, 128 * KIB, 16 * KIB as usize, cf::FUA, seed + 5);
+        put(
+            c,
+            shadow,
+            128 * KIB,
+            16 * KIB as usize,
+            CmdFlags::FUA,
+            seed + 5,
+        );
         assert_data(
             c,
             128 * KIB,
@@ -158,32 +186,53 @@ fn io_workload(c: &mut Client, shadow: &mut [u8], trim_zeroes: bool, seed: u64) 
 
     if info.can_zero() {
         // Plain write-zeroes over data.
-        c.zero(16 * KIB, 16 * KIB, 0).expect("zero");
+        c.zero(16 * KIB, 16 * KIB, CmdFlags::empty()).expect("zero");
         shadow[16 * KIB as usize..32 * KIB as usize].fill(0);
         assert_zeroes(c, 16 * KIB, 16 * KIB as usize, "after write-zeroes");
         // NO_HOLE (meaningful whenever WRITE_ZEROES is).
-        put(c, shadow, 512 * KIB, 64 * KIB as usize, 0, seed + 6);
-        c.zero(512 * KIB, 64 * KIB, cf::NO_HOLE)
+        put(
+            c,
+            shadow,
+            512 * KIB,
+            64 * KIB as usize,
+            CmdFlags::empty(),
+            seed + 6,
+        );
+        c.zero(512 * KIB, 64 * KIB, CmdFlags::NO_HOLE)
             .expect("zero NO_HOLE");
         shadow[512 * KIB as usize..576 * KIB as usize].fill(0);
         assert_zeroes(c, 512 * KIB, 64 * KIB as usize, "after zero NO_HOLE");
         // FUA zero.
         if info.can_fua() {
-            put(c, shadow, 580 * KIB, 4 * KIB as usize, 0, seed + 7);
-            c.zero(580 * KIB, 4 * KIB, cf::FUA).expect("zero FUA");
+            put(
+                c,
+                shadow,
+                580 * KIB,
+                4 * KIB as usize,
+                CmdFlags::empty(),
+                seed + 7,
+            );
+            c.zero(580 * KIB, 4 * KIB, CmdFlags::FUA).expect("zero FUA");
             shadow[580 * KIB as usize..584 * KIB as usize].fill(0);
             assert_zeroes(c, 580 * KIB, 4 * KIB as usize, "after zero FUA");
         }
         // FAST_ZERO: either it zeroes, or it fails at once with ENOTSUP
         // (spec: the server may refuse when zeroing would be slow).
         if info.can_fast_zero() {
-            put(c, shadow, 640 * KIB, 64 * KIB as usize, 0, seed + 8);
-            match c.zero(640 * KIB, 64 * KIB, cf::FAST_ZERO) {
+            put(
+                c,
+                shadow,
+                640 * KIB,
+                64 * KIB as usize,
+                CmdFlags::empty(),
+                seed + 8,
+            );
+            match c.zero(640 * KIB, 64 * KIB, CmdFlags::FAST_ZERO) {
                 Ok(()) => {}
                 Err(e) => {
                     assert_eq!(e.io_kind(), ErrorKind::Unsupported, "FAST_ZERO: {e}");
                     assert!(!e.is_fatal(), "FAST_ZERO failure must not be fatal");
-                    c.zero(640 * KIB, 64 * KIB, 0)
+                    c.zero(640 * KIB, 64 * KIB, CmdFlags::empty())
                         .expect("zero after FAST_ZERO");
                 }
             }
@@ -193,28 +242,51 @@ fn io_workload(c: &mut Client, shadow: &mut [u8], trim_zeroes: bool, seed: u64) 
     }
 
     if info.can_trim() {
-        put(c, shadow, 256 * KIB, 64 * KIB as usize, 0, seed + 9);
-        c.trim(256 * KIB, 64 * KIB, 0).expect("trim");
+        put(
+            c,
+            shadow,
+            256 * KIB,
+            64 * KIB as usize,
+            CmdFlags::empty(),
+            seed + 9,
+        );
+        c.trim(256 * KIB, 64 * KIB, CmdFlags::empty())
+            .expect("trim");
         let got = read_vec(c, 256 * KIB, 64 * KIB as usize);
         if trim_zeroes {
             assert!(got.iter().all(|&b| b == 0), "trimmed range reads as zeroes");
             shadow[256 * KIB as usize..320 * KIB as usize].fill(0);
         } else {
             // Unknown content after a trim: make it known again.
-            put(c, shadow, 256 * KIB, 64 * KIB as usize, 0, seed + 10);
+            put(
+                c,
+                shadow,
+                256 * KIB,
+                64 * KIB as usize,
+                CmdFlags::empty(),
+                seed + 10,
+            );
         }
         if info.can_fua() {
-            c.trim(320 * KIB, 4 * KIB, cf::FUA).expect("trim FUA");
-            put(c, shadow, 320 * KIB, 4 * KIB as usize, 0, seed + 11);
+            c.trim(320 * KIB, 4 * KIB, CmdFlags::FUA).expect("trim FUA");
+            put(
+                c,
+                shadow,
+                320 * KIB,
+                4 * KIB as usize,
+                CmdFlags::empty(),
+                seed + 11,
+            );
         }
     }
 
     if info.can_cache() {
-        c.cache(0, 256 * KIB, 0).expect("cache");
-        c.cache(0, size, 0).expect("cache whole export");
+        c.cache(0, 256 * KIB, CmdFlags::empty()).expect("cache");
+        c.cache(0, size, CmdFlags::empty())
+            .expect("cache whole export");
     }
     if info.can_flush() {
-        c.flush(0).expect("final flush");
+        c.flush(CmdFlags::empty()).expect("final flush");
     }
 
     // Everything, in 1 MiB reads.
@@ -249,7 +321,7 @@ fn push_extent(map: &mut Map, off: u64, len: u64, flags: u64) {
 /// Block status of `[0, size)` for every negotiated context, merged into
 /// run-length maps. Each request is answered with as many extents as the
 /// server likes; the next request starts where the shortest answer ended.
-fn full_maps(c: &mut Client, size: u64, flags: u16) -> Vec<(String, Map)> {
+fn full_maps(c: &mut Client, size: u64, flags: CmdFlags) -> Vec<(String, Map)> {
     let mut maps: Vec<(String, Map)> = Vec::new();
     let mut off = 0;
     let mut rounds = 0;
@@ -392,7 +464,10 @@ fn io01_nbdkit_no_sr_simple_replies_round_trip() {
     let mut shadow = vec![0u8; 4 * MIB as usize];
     io_workload(&mut c, &mut shadow, true, 3);
     // Block status needs structured replies: refused client-side.
-    let u = usage(c.block_status(0, 4096, 0).map(drop), "block status");
+    let u = usage(
+        c.block_status(0, 4096, CmdFlags::empty()).map(drop),
+        "block status",
+    );
     assert!(matches!(u, UsageError::NotAdvertised(_)), "{u:?}");
     c.shutdown().expect("shutdown");
 }
@@ -446,7 +521,7 @@ fn io01_nbdkit_pattern_self_verifying_reads() {
     assert_data(&mut c, size - 13, &expect(size - 13, 13), "tail");
     let mut buf = vec![0u8; 100_000];
     let chunks = c
-        .pread_structured(&mut buf, 1_000_003, 0)
+        .pread_structured(&mut buf, 1_000_003, CmdFlags::empty())
         .expect("pread_structured");
     assert!(buf == expect(1_000_003, 100_000));
     let covered: u64 = chunks.iter().map(|&(_, l, _)| l).sum();
@@ -455,16 +530,22 @@ fn io01_nbdkit_pattern_self_verifying_reads() {
     // DF is advertised by the pattern plugin: one data chunk.
     assert!(info.can_df());
     let chunks = c
-        .pread_structured(&mut buf, 4096, cf::DF)
+        .pread_structured(&mut buf, 4096, CmdFlags::DF)
         .expect("pread DF");
     assert_eq!(chunks, vec![(4096, 100_000, ReadChunkKind::Data)]);
     // Writes to a read-only export: refused client-side (strict), EPERM
     // from the server otherwise; the connection stays usable.
-    let u = usage(c.pwrite(&[1; 512], 0, 0), "pwrite read-only");
+    let u = usage(
+        c.pwrite(&[1; 512], 0, CmdFlags::empty()),
+        "pwrite read-only",
+    );
     assert_eq!(u, UsageError::ReadOnly);
     c.shutdown().unwrap();
     let mut c = connect(&srv.uri(), cfg_strict(Strict::NONE));
-    let e = server_errno(c.pwrite(&[1; 512], 0, 0), "pwrite read-only, strict off");
+    let e = server_errno(
+        c.pwrite(&[1; 512], 0, CmdFlags::empty()),
+        "pwrite read-only, strict off",
+    );
     assert_eq!(e, 1, "EPERM");
     assert_data(&mut c, 0, &expect(0, 4096), "read after refused write");
     c.shutdown().unwrap();
@@ -493,7 +574,7 @@ fn io01_nbdkit_sparse_random_extents_agree_with_data() {
         shadow[off as usize..off as usize + n].copy_from_slice(&v);
         off += n as u64;
     }
-    let maps = full_maps(&mut c, size, 0);
+    let maps = full_maps(&mut c, size, CmdFlags::empty());
     let map = map_of(&maps, CONTEXT_BASE_ALLOCATION);
     assert_eq!(map.iter().map(|e| e.1).sum::<u64>(), size);
     let (mut zero_bytes, mut data_bytes) = (0, 0);
@@ -513,21 +594,26 @@ fn io01_nbdkit_sparse_random_extents_agree_with_data() {
     let (h, _, _) = *map.iter().find(|e| e.2 & ZERO != 0).unwrap();
     for off in [d, h] {
         let same = shadow[off as usize..off as usize + 4096].to_vec();
-        c.pwrite(&same, off, 0).expect("write back the same data");
+        c.pwrite(&same, off, CmdFlags::empty())
+            .expect("write back the same data");
     }
     // Different data: the plugin refuses it, the connection carries on.
     let other: Vec<u8> = shadow[d as usize..d as usize + 4096]
         .iter()
         .map(|b| !b)
         .collect();
-    assert_eq!(server_errno(c.pwrite(&other, d, 0), "different data"), 5);
+    assert_eq!(
+        server_errno(c.pwrite(&other, d, CmdFlags::empty()), "different data"),
+        5
+    );
     assert_data(
         &mut c,
         d,
         &shadow[d as usize..d as usize + 4096],
         "unchanged",
     );
-    c.zero(h, 4096, 0).expect("zeroing a hole matches the data");
+    c.zero(h, 4096, CmdFlags::empty())
+        .expect("zeroing a hole matches the data");
     c.shutdown().unwrap();
 }
 
@@ -557,7 +643,10 @@ fn io01_nbd_server_simple_replies_round_trip() {
     let mut cookies = Vec::new();
     for i in 0..32u64 {
         let b = BytesMut::zeroed(16 * KIB as usize);
-        cookies.push((c.aio_pread(b, i * 64 * KIB, 0).unwrap(), i * 64 * KIB));
+        cookies.push((
+            c.aio_pread(b, i * 64 * KIB, CmdFlags::empty()).unwrap(),
+            i * 64 * KIB,
+        ));
     }
     for (ck, off) in cookies {
         let done = c.wait(ck).unwrap();
@@ -590,12 +679,10 @@ fn hs10_qemu_nbd_structured_and_extended_on_and_off() {
         ((false, false), (false, false)),
     ];
     for (i, ((sr, eh), (want_sr, want_eh))) in cases.into_iter().enumerate() {
-        let cfg = Config {
-            request_structured_replies: sr,
-            request_extended_headers: eh,
-            meta_contexts: vec![CONTEXT_BASE_ALLOCATION.into()],
-            ..Config::default()
-        };
+        let mut cfg = Config::default();
+        cfg.request_structured_replies = sr;
+        cfg.request_extended_headers = eh;
+        cfg.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.into()];
         let mut c = connect(&srv.uri(), cfg);
         let what = format!("request sr={sr} eh={eh}");
         assert_eq!(c.get_structured_replies_negotiated(), want_sr, "{what}");
@@ -621,22 +708,27 @@ fn hs10_qemu_nbd_structured_and_extended_on_and_off() {
             let d = noise(1000 + j + 100 * i as u64, 20_000);
             let off = 2 * MIB + j * 20_000;
             shadow[off as usize..off as usize + 20_000].copy_from_slice(&d);
-            cks.push(c.aio_pwrite(d.into(), off, 0).unwrap());
+            cks.push(c.aio_pwrite(d.into(), off, CmdFlags::empty()).unwrap());
         }
         for ck in cks {
             c.wait(ck).unwrap().result.expect("aio write");
         }
         let mut buf = vec![0u8; 960_000];
-        let chunks = c.pread_structured(&mut buf, 2 * MIB, 0).unwrap();
+        let chunks = c
+            .pread_structured(&mut buf, 2 * MIB, CmdFlags::empty())
+            .unwrap();
         assert!(buf[..] == shadow[2 * MIB as usize..2 * MIB as usize + 960_000]);
         assert_eq!(chunks.iter().map(|c| c.1).sum::<u64>(), 960_000);
         if want_sr {
-            let maps = full_maps(&mut c, size, 0);
+            let maps = full_maps(&mut c, size, CmdFlags::empty());
             let map = map_of(&maps, CONTEXT_BASE_ALLOCATION);
             assert_eq!(map.first().unwrap().0, 0);
             assert_eq!(map.iter().map(|e| e.1).sum::<u64>(), size);
         } else {
-            let u = usage(c.block_status(0, 4096, 0).map(drop), "block status w/o SR");
+            let u = usage(
+                c.block_status(0, 4096, CmdFlags::empty()).map(drop),
+                "block status w/o SR",
+            );
             assert!(matches!(u, UsageError::NotAdvertised(_)), "{u:?}");
         }
         c.shutdown().unwrap();
@@ -663,18 +755,16 @@ fn io04_block_status_matches_qemu_img_map() {
     assert!(expected.len() >= 5, "sparse layout expected: {expected:?}");
     let srv = qemu_nbd(&["-r"], &img);
     for eh in [true, false] {
-        let cfg = Config {
-            request_extended_headers: eh,
-            ..Config::with_base_allocation()
-        };
+        let mut cfg = Config::with_base_allocation();
+        cfg.request_extended_headers = eh;
         let mut c = connect(&srv.uri(), cfg);
         assert_eq!(c.get_extended_headers_negotiated(), eh);
-        let maps = full_maps(&mut c, size, 0);
+        let maps = full_maps(&mut c, size, CmdFlags::empty());
         assert_eq!(map_of(&maps, CONTEXT_BASE_ALLOCATION), &expected, "eh={eh}");
         // REQ_ONE: exactly one extent, not longer than the request, with
         // the flags of the run it starts.
         for &(off, len, flags) in &expected {
-            let ans = c.block_status(off, size - off, cf::REQ_ONE).unwrap();
+            let ans = c.block_status(off, size - off, CmdFlags::REQ_ONE).unwrap();
             assert_eq!(ans.len(), 1);
             let (name, ext) = &ans[0];
             assert_eq!(name, CONTEXT_BASE_ALLOCATION);
@@ -732,18 +822,16 @@ fn io04_qemu_dirty_bitmap_and_allocation_depth() {
         (4 * MIB + 64 * KIB, tail, 0),
     ];
     for eh in [true, false] {
-        let cfg = Config {
-            request_extended_headers: eh,
-            meta_contexts: vec![CONTEXT_BASE_ALLOCATION.into(), depth.into(), bitmap.into()],
-            ..Config::default()
-        };
+        let mut cfg = Config::default();
+        cfg.request_extended_headers = eh;
+        cfg.meta_contexts = vec![CONTEXT_BASE_ALLOCATION.into(), depth.into(), bitmap.into()];
         let mut c = connect(&srv.uri(), cfg);
         assert_eq!(c.get_extended_headers_negotiated(), eh);
         for name in [CONTEXT_BASE_ALLOCATION, depth, bitmap] {
             assert!(c.can_meta_context(name), "{name} not negotiated");
         }
         assert_eq!(c.get_size().unwrap(), size);
-        let maps = full_maps(&mut c, size, 0);
+        let maps = full_maps(&mut c, size, CmdFlags::empty());
         assert_eq!(maps.len(), 3, "{maps:?}");
         assert_eq!(
             map_of(&maps, CONTEXT_BASE_ALLOCATION),
@@ -754,7 +842,7 @@ fn io04_qemu_dirty_bitmap_and_allocation_depth() {
         assert_eq!(map_of(&maps, bitmap), &want_bitmap, "eh={eh}");
         // REQ_ONE at the start of each run: one extent per context.
         for off in [0, MIB, 4 * MIB, 4 * MIB + 64 * KIB] {
-            let ans = c.block_status(off, size - off, cf::REQ_ONE).unwrap();
+            let ans = c.block_status(off, size - off, CmdFlags::REQ_ONE).unwrap();
             assert_eq!(ans.len(), 3, "REQ_ONE at {off}: {ans:?}");
             for (name, ext) in &ans {
                 assert_eq!(ext.len(), 1, "REQ_ONE {name} at {off}: {ext:?}");
@@ -792,14 +880,17 @@ fn errors_client_and_server_unadvertised_cmd() {
     let srv = nbdkit_with(&["--filter=nozero"], &["memory", "1M"]);
     let mut c = connect(&srv.uri(), Config::default());
     assert!(!c.export_info().unwrap().can_zero());
-    let u = usage(c.zero(0, 4096, 0), "zero unadvertised");
+    let u = usage(c.zero(0, 4096, CmdFlags::empty()), "zero unadvertised");
     assert!(matches!(u, UsageError::NotAdvertised(_)), "{u:?}");
-    let e = usage(c.aio_zero(0, 4096, 0).map(drop), "aio_zero");
+    let e = usage(c.aio_zero(0, 4096, CmdFlags::empty()).map(drop), "aio_zero");
     assert!(matches!(e, UsageError::NotAdvertised(_)));
     drop(c);
     let mut c = connect(&srv.uri(), cfg_strict(Strict::NONE));
-    c.pwrite(&[9; 4096], 0, 0).unwrap();
-    assert_eq!(server_errno(c.zero(0, 4096, 0), "zero strict off"), 22);
+    c.pwrite(&[9; 4096], 0, CmdFlags::empty()).unwrap();
+    assert_eq!(
+        server_errno(c.zero(0, 4096, CmdFlags::empty()), "zero strict off"),
+        22
+    );
     assert_eq!(read_vec(&mut c, 0, 4096), vec![9; 4096], "still usable");
     c.shutdown().unwrap();
     drop(c);
@@ -817,11 +908,14 @@ fn errors_client_and_server_unadvertised_cmd() {
     let mut c = connect(&srv.uri(), Config::default());
     let info = c.export_info().unwrap().clone();
     assert!(!info.can_trim() && !info.is_read_only(), "{info:?}");
-    let u = usage(c.trim(0, 4096, 0), "trim unadvertised");
+    let u = usage(c.trim(0, 4096, CmdFlags::empty()), "trim unadvertised");
     assert!(matches!(u, UsageError::NotAdvertised(_)), "{u:?}");
     drop(c);
     let mut c = connect(&srv.uri(), cfg_strict(Strict::NONE));
-    assert_eq!(server_errno(c.trim(0, 4096, 0), "trim strict off"), 22);
+    assert_eq!(
+        server_errno(c.trim(0, 4096, CmdFlags::empty()), "trim strict off"),
+        22
+    );
     assert_zeroes(&mut c, 0, 4096, "usable after refused trim");
     c.shutdown().unwrap();
     drop(c);
@@ -831,12 +925,15 @@ fn errors_client_and_server_unadvertised_cmd() {
     let srv = nbdkit_with(&["--filter=fua"], &["memory", "1M"]);
     let mut c = connect(&srv.uri(), Config::default());
     assert!(!c.export_info().unwrap().can_fua());
-    let u = usage(c.pwrite(&[1; 512], 0, cf::FUA), "FUA unadvertised");
+    let u = usage(c.pwrite(&[1; 512], 0, CmdFlags::FUA), "FUA unadvertised");
     assert!(matches!(u, UsageError::NotAdvertised(_)), "{u:?}");
     drop(c);
     let mut c = connect(&srv.uri(), cfg_strict(Strict::NONE));
-    assert_eq!(server_errno(c.pwrite(&[1; 512], 0, cf::FUA), "FUA off"), 22);
-    c.pwrite(&[2; 512], 0, 0).unwrap();
+    assert_eq!(
+        server_errno(c.pwrite(&[1; 512], 0, CmdFlags::FUA), "FUA off"),
+        22
+    );
+    c.pwrite(&[2; 512], 0, CmdFlags::empty()).unwrap();
     assert_eq!(read_vec(&mut c, 0, 512), vec![2; 512]);
     c.shutdown().unwrap();
 }
@@ -868,23 +965,29 @@ fn errors_client_and_server_unaligned_and_oversize() {
     assert_eq!(c.connection().payload_max(), 65536);
     let mut small = [0u8; 100];
     assert_eq!(
-        usage(c.pread(&mut small, 0, 0), "100-byte read"),
+        usage(c.pread(&mut small, 0, CmdFlags::empty()), "100-byte read"),
         UsageError::Misaligned(512)
     );
     let mut b512 = [0u8; 512];
     assert_eq!(
-        usage(c.pread(&mut b512, 100, 0), "read at 100"),
+        usage(c.pread(&mut b512, 100, CmdFlags::empty()), "read at 100"),
         UsageError::Misaligned(512)
     );
     assert_eq!(
-        usage(c.pwrite(&[0; 100], 512, 0), "100-byte write"),
+        usage(
+            c.pwrite(&[0; 100], 512, CmdFlags::empty()),
+            "100-byte write"
+        ),
         UsageError::Misaligned(512)
     );
     assert_eq!(
-        usage(c.zero(1, 512, 0), "zero at 1"),
+        usage(c.zero(1, 512, CmdFlags::empty()), "zero at 1"),
         UsageError::Misaligned(512)
     );
-    let u = usage(c.pwrite(&vec![0; 128 * 1024], 0, 0), "128 KiB write");
+    let u = usage(
+        c.pwrite(&vec![0; 128 * 1024], 0, CmdFlags::empty()),
+        "128 KiB write",
+    );
     assert!(
         matches!(
             u,
@@ -897,25 +1000,43 @@ fn errors_client_and_server_unaligned_and_oversize() {
     );
     // Reads over the maximum are the server's to refuse (as in libnbd).
     let mut big = vec![0u8; 128 * 1024];
-    assert_eq!(server_errno(c.pread(&mut big, 0, 0), "128 KiB read"), 22);
-    c.pwrite(&[7; 4096], 4096, 0).unwrap();
+    assert_eq!(
+        server_errno(c.pread(&mut big, 0, CmdFlags::empty()), "128 KiB read"),
+        22
+    );
+    c.pwrite(&[7; 4096], 4096, CmdFlags::empty()).unwrap();
     assert_eq!(read_vec(&mut c, 4096, 4096), vec![7; 4096]);
     c.shutdown().unwrap();
     drop(c);
 
     // Strict off: the server's EINVAL reaches the caller; still usable.
     let mut c = connect(&srv.uri(), cfg_strict(Strict::NONE));
-    assert_eq!(server_errno(c.pread(&mut small, 0, 0), "100-byte read"), 22);
-    assert_eq!(server_errno(c.pread(&mut b512, 100, 0), "read at 100"), 22);
     assert_eq!(
-        server_errno(c.pwrite(&[1; 100], 512, 0), "100-byte write"),
+        server_errno(c.pread(&mut small, 0, CmdFlags::empty()), "100-byte read"),
         22
     );
     assert_eq!(
-        server_errno(c.pwrite(&vec![1; 128 * 1024], 0, 0), "128 KiB write"),
+        server_errno(c.pread(&mut b512, 100, CmdFlags::empty()), "read at 100"),
         22
     );
-    assert_eq!(server_errno(c.pread(&mut big, 0, 0), "128 KiB read"), 22);
+    assert_eq!(
+        server_errno(
+            c.pwrite(&[1; 100], 512, CmdFlags::empty()),
+            "100-byte write"
+        ),
+        22
+    );
+    assert_eq!(
+        server_errno(
+            c.pwrite(&vec![1; 128 * 1024], 0, CmdFlags::empty()),
+            "128 KiB write"
+        ),
+        22
+    );
+    assert_eq!(
+        server_errno(c.pread(&mut big, 0, CmdFlags::empty()), "128 KiB read"),
+        22
+    );
     // Nothing of the refused writes landed.
     assert_eq!(read_vec(&mut c, 0, 4096), vec![0; 4096]);
     assert_eq!(read_vec(&mut c, 4096, 4096), vec![7; 4096]);
@@ -930,7 +1051,7 @@ fn errors_client_and_server_bounds_zero_size_and_flags() {
     let srv = nbdkit(&["memory", "1M"]);
     let mut c = connect(&srv.uri(), Config::default());
     let mut b = [0u8; 4096];
-    let u = usage(c.pread(&mut b, MIB, 0), "read past the end");
+    let u = usage(c.pread(&mut b, MIB, CmdFlags::empty()), "read past the end");
     assert!(
         matches!(
             u,
@@ -942,13 +1063,16 @@ fn errors_client_and_server_bounds_zero_size_and_flags() {
         ),
         "{u:?}"
     );
-    let u = usage(c.pwrite(&b, MIB - 100, 0), "write over the end");
+    let u = usage(
+        c.pwrite(&b, MIB - 100, CmdFlags::empty()),
+        "write over the end",
+    );
     assert!(matches!(u, UsageError::OutOfBounds { .. }), "{u:?}");
-    let u = usage(c.trim(0, 0, 0), "zero-length trim");
+    let u = usage(c.trim(0, 0, CmdFlags::empty()), "zero-length trim");
     assert_eq!(u, UsageError::ZeroLength);
-    let u = usage(c.pread(&mut b, 0, cf::FUA), "FUA on a read");
+    let u = usage(c.pread(&mut b, 0, CmdFlags::FUA), "FUA on a read");
     assert!(matches!(u, UsageError::BadFlags { .. }), "{u:?}");
-    let u = usage(c.zero(0, 4096, cf::REQ_ONE), "REQ_ONE on zero");
+    let u = usage(c.zero(0, 4096, CmdFlags::REQ_ONE), "REQ_ONE on zero");
     assert!(matches!(u, UsageError::BadFlags { .. }), "{u:?}");
     let u = usage(c.pread(&mut b, 0, UNKNOWN_FLAG), "unknown flag");
     assert!(matches!(u, UsageError::BadFlags { .. }), "{u:?}");
@@ -956,17 +1080,24 @@ fn errors_client_and_server_bounds_zero_size_and_flags() {
     drop(c);
 
     let mut c = connect(&srv.uri(), cfg_strict(Strict::NONE));
-    c.pwrite(&[5; 4096], 0, 0).unwrap();
+    c.pwrite(&[5; 4096], 0, CmdFlags::empty()).unwrap();
     // The aio path: the server's error arrives in the completion.
-    let ck = c.aio_pread(BytesMut::zeroed(4096), MIB, 0).unwrap();
+    let ck = c
+        .aio_pread(BytesMut::zeroed(4096), MIB, CmdFlags::empty())
+        .unwrap();
     let done = c.wait(ck).unwrap();
     match done.result {
         Err(CommandError::Server { errno, .. }) => assert_eq!(errno.errno(), 22),
         other => panic!("read past the end: {other:?}"),
     }
-    assert!(server_errno(c.pwrite(&b, MIB - 100, 0), "write over the end") != 0);
+    assert!(
+        server_errno(
+            c.pwrite(&b, MIB - 100, CmdFlags::empty()),
+            "write over the end"
+        ) != 0
+    );
     // nbdkit tolerates FUA on a read, but not a flag it does not know.
-    c.pread(&mut b, 0, cf::FUA)
+    c.pread(&mut b, 0, CmdFlags::FUA)
         .expect("FUA on a read, strict off");
     assert_eq!(
         server_errno(c.pread(&mut b, 0, UNKNOWN_FLAG), "unknown flag"),
@@ -988,7 +1119,9 @@ fn err01_enospc_write_maps_to_storage_full_and_connection_survives() {
     );
     let mut c = connect(&srv.uri(), Config::default());
     for round in 0..3 {
-        let e = c.pwrite(&[0xab; 4096], 8192, 0).unwrap_err();
+        let e = c
+            .pwrite(&[0xab; 4096], 8192, CmdFlags::empty())
+            .unwrap_err();
         assert_eq!(e.io_kind(), ErrorKind::StorageFull, "round {round}: {e}");
         assert!(!e.is_fatal());
         match &e {
@@ -998,7 +1131,7 @@ fn err01_enospc_write_maps_to_storage_full_and_connection_survives() {
         assert_eq!(std::io::Error::from(e).kind(), ErrorKind::StorageFull);
         assert_zeroes(&mut c, 8192, 4096, "read after failed write");
     }
-    c.flush(0).expect("flush still works");
+    c.flush(CmdFlags::empty()).expect("flush still works");
     c.shutdown().unwrap();
 }
 
@@ -1024,13 +1157,14 @@ fn err01_error_values_map_like_libnbd() {
         let mut c = connect(&srv.uri(), Config::default());
         let mut b = [0u8; 512];
         for _ in 0..2 {
-            let e = c.pread(&mut b, 0, 0).unwrap_err();
+            let e = c.pread(&mut b, 0, CmdFlags::empty()).unwrap_err();
             assert_eq!(e.io_kind(), kind, "{name}: {e}");
             match &e {
                 Error::Command(ce) => assert_eq!(ce.errno(), errno, "{name}"),
                 other => panic!("{name}: {other:?}"),
             }
-            c.pwrite(&[1; 512], 0, 0).expect("write after read error");
+            c.pwrite(&[1; 512], 0, CmdFlags::empty())
+                .expect("write after read error");
         }
         c.shutdown().unwrap();
     }
@@ -1048,7 +1182,7 @@ fn err01_eshutdown_triggers_soft_disconnect() {
         &["memory", "1M", "error=ESHUTDOWN", "error-pread-rate=100%"],
     );
     let mut c = connect(&srv.uri(), Config::default());
-    let e = c.pread(&mut [0u8; 512], 0, 0).unwrap_err();
+    let e = c.pread(&mut [0u8; 512], 0, CmdFlags::empty()).unwrap_err();
     assert_eq!(e.io_kind(), ErrorKind::ConnectionAborted, "{e}");
     assert!(
         matches!(&e, Error::Command(ce) if ce.errno() == 108),
@@ -1056,7 +1190,7 @@ fn err01_eshutdown_triggers_soft_disconnect() {
     );
     // The client has queued NBD_CMD_DISC but the server has not closed yet:
     // the connection is alive, so a new command is a phase error.
-    let e = c.pwrite(&[1; 512], 0, 0).unwrap_err();
+    let e = c.pwrite(&[1; 512], 0, CmdFlags::empty()).unwrap_err();
     assert!(
         matches!(e, Error::Usage(UsageError::WrongPhase { .. })),
         "{e:?}"
@@ -1069,7 +1203,7 @@ fn err01_eshutdown_triggers_soft_disconnect() {
         Some(&CloseReason::Disconnected)
     );
     // Now the connection is over: a command reports why it ended.
-    let e = c.pwrite(&[1; 512], 0, 0).unwrap_err();
+    let e = c.pwrite(&[1; 512], 0, CmdFlags::empty()).unwrap_err();
     assert!(
         matches!(e, Error::Closed(CloseReason::Disconnected)),
         "{e:?}"
@@ -1087,7 +1221,9 @@ fn life01_server_killed_with_64_reads_in_flight() {
     let mut c = connect(&srv.uri(), Config::default());
     let mut submitted = Vec::new();
     for i in 0..64u64 {
-        let ck = c.aio_pread(BytesMut::zeroed(4096), i * 4096, 0).unwrap();
+        let ck = c
+            .aio_pread(BytesMut::zeroed(4096), i * 4096, CmdFlags::empty())
+            .unwrap();
         submitted.push(ck);
     }
     assert_eq!(c.aio_in_flight(), 64);
@@ -1112,7 +1248,7 @@ fn life01_server_killed_with_64_reads_in_flight() {
             }
         }
         let after = c.poll();
-        let pread_after = c.pread(&mut [0u8; 512], 0, 0);
+        let pread_after = c.pread(&mut [0u8; 512], 0, CmdFlags::empty());
         tx.send((
             got,
             last,
@@ -1147,10 +1283,7 @@ fn life01_server_killed_with_64_reads_in_flight() {
     assert_eq!(phase, Phase::Dead, "an unexpected end is not a clean close");
     assert_eq!(in_flight, 0);
     assert!(
-        matches!(
-            reason,
-            Some(CloseReason::ServerKilledConnection { .. } | CloseReason::Transport(_))
-        ),
+        matches!(reason, Some(CloseReason::ServerClosed { lost: 64, .. })),
         "{reason:?}"
     );
     assert!(matches!(after, Err(Error::Closed(_))), "{after:?}");
@@ -1175,7 +1308,7 @@ fn lim01_oversize_requests_refused_client_side() {
     for strict in [Strict::ALL, Strict::NONE] {
         let mut c = connect(&srv.uri(), cfg_strict(strict));
         let e = c
-            .aio_pread(BytesMut::zeroed(65 * MIB as usize), 0, 0)
+            .aio_pread(BytesMut::zeroed(65 * MIB as usize), 0, CmdFlags::empty())
             .unwrap_err();
         assert!(
             matches!(
@@ -1190,13 +1323,15 @@ fn lim01_oversize_requests_refused_client_side() {
         assert_eq!(c.aio_in_flight(), 0, "nothing was queued");
         // 64 MiB is the limit, not over it.
         let b = c
-            .pread_buf(BytesMut::zeroed(64 * MIB as usize), 0, 0)
+            .pread_buf(BytesMut::zeroed(64 * MIB as usize), 0, CmdFlags::empty())
             .unwrap();
         assert_eq!(b.len(), 64 * MIB as usize);
         assert!(b.iter().all(|&x| x == 0));
         if strict == Strict::ALL {
             assert_eq!(c.connection().payload_max(), 32 * MIB);
-            let e = c.pwrite(&vec![0; 33 * MIB as usize], 0, 0).unwrap_err();
+            let e = c
+                .pwrite(&vec![0; 33 * MIB as usize], 0, CmdFlags::empty())
+                .unwrap_err();
             assert!(
                 matches!(e, Error::Usage(UsageError::TooLarge { .. })),
                 "{e:?}"

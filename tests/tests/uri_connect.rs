@@ -8,6 +8,7 @@
 //! disk's content, so reading the disk shows exactly what name the client
 //! decoded and sent.
 
+use nbd_std::CmdFlags;
 use std::net::{Ipv6Addr, SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -24,7 +25,7 @@ fn name_seen_by_server(uri: &str) -> String {
     let size = c.get_size().unwrap() as usize;
     let mut buf = vec![0u8; size];
     if size > 0 {
-        c.pread(&mut buf, 0, 0).unwrap();
+        c.pread(&mut buf, 0, CmdFlags::empty()).unwrap();
     }
     c.shutdown().unwrap();
     String::from_utf8(buf).expect("export name is UTF-8")
@@ -90,13 +91,11 @@ fn percent_encoded_export_name_qemu() {
         c.shutdown().unwrap();
     }
     // The listing shows the decoded name.
-    let mut c = Client::connect(
-        &format!("nbd+unix:///?socket={q}"),
-        Config {
-            opt_mode: true,
-            ..Config::default()
-        },
-    )
+    let mut c = Client::connect(&format!("nbd+unix:///?socket={q}"), {
+        let mut cfg = Config::default();
+        cfg.opt_mode = true;
+        cfg
+    })
     .unwrap();
     assert_eq!(c.opt_list().unwrap()[0].0, "a b/c");
 }

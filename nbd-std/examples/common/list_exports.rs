@@ -16,10 +16,8 @@ pub fn run(
     out: &mut dyn Write,
     echo: bool,
 ) -> Result<(), String> {
-    let cfg = Config {
-        opt_mode: true,
-        ..Config::default()
-    };
+    let mut cfg = Config::default();
+    cfg.opt_mode = true;
     let mut nbd = Client::connect(target, cfg).map_err(|e| format!("{target}: {e}"))?;
     // An oldstyle server goes straight to the transmission phase.
     if nbd.phase() != Phase::Negotiating {
