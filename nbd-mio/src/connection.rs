@@ -266,10 +266,22 @@ impl NbdConnection {
         }
     }
 
-    /// After a command queued bytes: outside a drain they go out at once.
+    /// After a command queued bytes. Outside a drain of events they go out
+    /// at once. Inside one, while other requests are in flight, they wait
+    /// for the end of the drain, so that one vectored write takes the
+    /// batch; even a loop that leaves the drain early then sends them on
+    /// the next readiness event, which the replies still owed bring. With
+    /// nothing else in flight no reply would come: they go out at once.
+    fn after_command(&mut self) {
+        if !self.draining || self.conn.in_flight() <= 1 {
+            self.flush();
+        }
+    }
+
+    /// After a command queued bytes: see [`NbdConnection::after_command`].
     fn queued<T>(&mut self, r: std::result::Result<T, UsageError>) -> Result<T> {
         let v = r?;
-        self.flush();
+        self.after_command();
         Ok(v)
     }
 
@@ -289,7 +301,7 @@ impl NbdConnection {
         flags: CmdFlags,
     ) -> std::result::Result<Cookie, Refused<BytesMut>> {
         let c = self.conn.read(offset, buf, flags)?;
-        self.flush();
+        self.after_command();
         Ok(c)
     }
 
@@ -303,7 +315,7 @@ impl NbdConnection {
         flags: CmdFlags,
     ) -> std::result::Result<Cookie, Refused<BytesMut>> {
         let c = self.conn.read_with_chunks(offset, buf, flags)?;
-        self.flush();
+        self.after_command();
         Ok(c)
     }
 
@@ -317,7 +329,7 @@ impl NbdConnection {
         flags: CmdFlags,
     ) -> std::result::Result<Cookie, Refused<Bytes>> {
         let c = self.conn.write(offset, data, flags)?;
-        self.flush();
+        self.after_command();
         Ok(c)
     }
 
