@@ -12,6 +12,8 @@
 //!    ┌───────────────┴────────────────┐
 //!  nbd-std (blocking loop)     nbd-mio (registered on the embedder's mio::Poll)
 //!    └───────────────┬────────────────┘
+//!     nbd-driver (transports, connect, send/receive loops, completion demux)
+//!                    │
 //!                nbd-core  (no I/O, no clock, no threads: bytes in, actions out)
 //! ```
 //!
@@ -149,10 +151,13 @@
 //! `lost == 0`, cost nothing).
 //!
 //! ## Modules
-//! [`consts`] (every number of the spec), [`wire`] (encoders and parsers per
+//! [`consts`] (every number of the spec), `wire` (encoders and parsers per
 //! message family), `negotiate` (handshake and options), `transmit`
 //! (commands and replies), [`config`] (settings, strict mode, limits),
-//! [`uri`] (NBD URIs).
+//! [`uri`] (NBD URIs). `wire` is public for the fuzz targets and tests
+//! that exercise each parser on its own, but hidden from the docs and not
+//! part of the stable API: its types that the API uses ([`WireError`],
+//! [`Extent`], [`HeaderMode`]) are re-exported here.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -167,6 +172,9 @@ mod flags;
 mod negotiate;
 mod transmit;
 pub mod uri;
+/// Encoders and parsers per message family. Not part of the stable API:
+/// public so that fuzz targets and tests reach each parser on its own.
+#[doc(hidden)]
 pub mod wire;
 
 pub use client::{Connection, Phase};
@@ -181,3 +189,4 @@ pub use flags::CmdFlags;
 pub use transmit::command_name;
 pub use uri::NbdUri;
 pub use wire::reply::HeaderMode;
+pub use wire::WireError;

@@ -173,6 +173,37 @@ fn a_command_on_an_idle_connection_is_sent_without_rearming() {
     disconnect(&mut h);
 }
 
+/// Commands submitted while events are being drained, with other requests
+/// in flight, wait for the end of the drain and leave in one vectored
+/// write; a loop that leaves the drain early (here: right after
+/// `GoSucceeded`) still gets them sent, on the readiness event that the
+/// reply of the first request brings.
+#[test]
+fn commands_in_a_drain_are_batched_and_a_drain_left_early_still_progresses() {
+    let srv = nbdkit(&["memory", "1M"]);
+    let nbd = NbdConnection::connect(&srv.uri(), Config::default()).expect("connect");
+    let mut h = Harness::new(nbd);
+    assert!(matches!(h.next_event(), Event::GoSucceeded(_)));
+    // Nothing else in flight: no reply would wake the loop, so it goes now.
+    let first = h
+        .nbd
+        .read(0, BytesMut::zeroed(4 * KIB), CmdFlags::empty())
+        .expect("read");
+    assert!(!h.nbd.conn().wants_write(), "the first read went out at once");
+    let writes = h.nbd.io_stats().writes;
+    let mut cookies = vec![first];
+    for i in 1..8u64 {
+        let buf = BytesMut::zeroed(4 * KIB);
+        cookies.push(h.nbd.read(i * 4096, buf, CmdFlags::empty()).expect("read"));
+    }
+    assert!(h.nbd.conn().wants_write(), "the rest wait for the drain's end");
+    assert_eq!(h.nbd.io_stats().writes, writes);
+    let done = complete_all(&mut h, cookies.len());
+    assert!(cookies.iter().all(|c| done.contains_key(c)));
+    assert_eq!(h.nbd.io_stats().writes, writes + 1, "one write for seven");
+    disconnect(&mut h);
+}
+
 #[test]
 fn large_writes_with_small_socket_buffers_complete() {
     let srv = nbdkit(&["memory", "64M"]);

@@ -4,10 +4,10 @@
 //! Sans-IO state machine of [`nbd_core`]. One [`Client`] is one connection.
 //!
 //! ```no_run
-//! use nbd_std::{Client, Config};
+//! use nbd_std::{Client, CmdFlags, Config};
 //! let mut c = Client::connect("nbd+unix:///?socket=/tmp/sock", Config::default())?;
 //! let mut sector = [0u8; 512];
-//! c.pread(&mut sector, 0, 0)?;
+//! c.pread(&mut sector, 0, CmdFlags::empty())?; // buffer, offset, flags
 //! c.shutdown()?;
 //! # Ok::<(), nbd_std::Error>(())
 //! ```
@@ -30,7 +30,18 @@
 //!
 //! Many requests in flight from one thread: the `aio_*` calls queue a
 //! command and return its [`Cookie`]; [`Client::wait`] / [`Client::wait_any`]
-//! retire completions. [`NbdFile`] wraps a client as `Read + Write + Seek`.
+//! retire completions. [`NbdFile`] wraps a client as `Read + Write + Seek`,
+//! with a read-ahead window.
+//!
+//! Arguments come in one order everywhere: the buffer (if any), the
+//! offset, the length (if no buffer gives it), then [`CmdFlags`]:
+//! `pread(buf, offset, flags)`, `trim(offset, count, flags)`. The offset
+//! comes before the length as in the spec's request header, where libnbd's
+//! C API puts the count first.
+//!
+//! The socket work (connect, the send and receive loops, the retry policy)
+//! is [`nbd_driver`]'s, shared with nbd-mio; this crate adds the waiting
+//! (`poll(2)`) and the libnbd-shaped calls.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -41,7 +52,7 @@ mod file;
 
 pub use client::Client;
 pub use error::{Error, Result};
-pub use file::NbdFile;
+pub use file::{NbdFile, DEFAULT_READ_AHEAD};
 pub use nbd_core::{
     self, consts, BlockSize, CloseReason, CmdFlags, CommandError, Config, Cookie, ExportInfo,
     Extent, Limits, NbdErrno, OptionError, OptionKind, Phase, ReadChunkKind, Refused, Strict,

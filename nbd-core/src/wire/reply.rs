@@ -25,6 +25,7 @@ use crate::consts::{
 /// Pick it once, when transmission starts, and pass it to
 /// [`reply_header_len`] and [`parse_reply_header`] for every reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum HeaderMode {
     /// Nothing negotiated: only simple replies are allowed.
     Simple,
