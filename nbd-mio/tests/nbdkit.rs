@@ -189,14 +189,20 @@ fn commands_in_a_drain_are_batched_and_a_drain_left_early_still_progresses() {
         .nbd
         .read(0, BytesMut::zeroed(4 * KIB), CmdFlags::empty())
         .expect("read");
-    assert!(!h.nbd.conn().wants_write(), "the first read went out at once");
+    assert!(
+        !h.nbd.conn().wants_write(),
+        "the first read went out at once"
+    );
     let writes = h.nbd.io_stats().writes;
     let mut cookies = vec![first];
     for i in 1..8u64 {
         let buf = BytesMut::zeroed(4 * KIB);
         cookies.push(h.nbd.read(i * 4096, buf, CmdFlags::empty()).expect("read"));
     }
-    assert!(h.nbd.conn().wants_write(), "the rest wait for the drain's end");
+    assert!(
+        h.nbd.conn().wants_write(),
+        "the rest wait for the drain's end"
+    );
     assert_eq!(h.nbd.io_stats().writes, writes);
     let done = complete_all(&mut h, cookies.len());
     assert!(cookies.iter().all(|c| done.contains_key(c)));

@@ -177,9 +177,7 @@ impl Read for NbdFile {
         if n == 0 {
             return Ok(0);
         }
-        let in_window = |f: &NbdFile| {
-            f.pos >= f.cur_off && f.pos < f.cur_off + f.cur.len() as u64
-        };
+        let in_window = |f: &NbdFile| f.pos >= f.cur_off && f.pos < f.cur_off + f.cur.len() as u64;
         if !in_window(self) {
             if n >= self.window {
                 // Large reads go straight into the caller's buffer.
