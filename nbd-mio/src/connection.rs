@@ -248,6 +248,7 @@ impl NbdConnection {
     /// nothing to do until the next readiness event. A server that asks for
     /// TLS ends the connection (TLS is not implemented yet).
     #[must_use]
+    #[inline]
     pub fn poll_event(&mut self) -> Option<Event> {
         loop {
             match self.conn.poll_event() {
@@ -272,6 +273,7 @@ impl NbdConnection {
     /// batch; even a loop that leaves the drain early then sends them on
     /// the next readiness event, which the replies still owed bring. With
     /// nothing else in flight no reply would come: they go out at once.
+    #[inline]
     fn after_command(&mut self) {
         if !self.draining || self.conn.in_flight() <= 1 {
             self.flush();
@@ -294,6 +296,7 @@ impl NbdConnection {
     ///
     /// A refused read (wrong phase, out of bounds, limits) hands `buf`
     /// back inside the [`Refused`].
+    #[inline]
     pub fn read(
         &mut self,
         offset: u64,
@@ -308,6 +311,7 @@ impl NbdConnection {
     /// Queues a read that also reports every structured chunk as
     /// [`Event::ReadChunk`] before its completion.
     /// A refused read hands `buf` back inside the [`Refused`].
+    #[inline]
     pub fn read_with_chunks(
         &mut self,
         offset: u64,
@@ -322,6 +326,7 @@ impl NbdConnection {
     /// Queues a write of `data` at `offset`; `data` goes to the socket
     /// without a copy.
     /// A refused write hands `data` back inside the [`Refused`].
+    #[inline]
     pub fn write(
         &mut self,
         offset: u64,
