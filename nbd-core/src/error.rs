@@ -611,3 +611,54 @@ impl<B> From<Refused<B>> for UsageError {
         r.error
     }
 }
+
+impl From<CommandError> for std::io::Error {
+    /// A failed command as an `io::Error` of the closest kind (the server's
+    /// errno mapped as libnbd maps it), for `Read`/`Write` adapters and `?`
+    /// in functions returning `io::Result`.
+    fn from(e: CommandError) -> Self {
+        std::io::Error::new(e.io_kind(), e)
+    }
+}
+
+impl From<UsageError> for std::io::Error {
+    /// A refused call as an `io::Error`: `PermissionDenied` for a write to
+    /// a read-only export (libnbd's EPERM), `InvalidInput` otherwise.
+    fn from(e: UsageError) -> Self {
+        let kind = match e {
+            UsageError::ReadOnly => std::io::ErrorKind::PermissionDenied,
+            _ => std::io::ErrorKind::InvalidInput,
+        };
+        std::io::Error::new(kind, e)
+    }
+}
+
+impl From<ProtocolError> for std::io::Error {
+    /// A protocol violation by the server as `InvalidData`.
+    fn from(e: ProtocolError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, e)
+    }
+}
+
+#[cfg(test)]
+mod io_error_tests {
+    use super::*;
+
+    #[test]
+    fn errors_convert_to_io_errors_of_the_closest_kind() {
+        let e: std::io::Error = CommandError::Server {
+            errno: NbdErrno(28),
+            message: None,
+            offset: None,
+        }
+        .into();
+        assert_eq!(e.kind(), std::io::ErrorKind::StorageFull);
+        let e: std::io::Error = UsageError::ReadOnly.into();
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied);
+        let e: std::io::Error = UsageError::ZeroLength.into();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+        let e: std::io::Error = ProtocolError::UnknownCookie(7).into();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.get_ref().is_some_and(|inner| inner.is::<ProtocolError>()));
+    }
+}

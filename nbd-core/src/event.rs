@@ -423,3 +423,16 @@ pub enum Event {
     /// The connection ended; no further events follow.
     Closed(CloseReason),
 }
+
+impl From<CloseReason> for std::io::Error {
+    /// The end of a connection as an `io::Error`: `InvalidData` when the
+    /// server broke the protocol, `NotConnected` otherwise (the clean ends
+    /// included: a call that needed the connection found it closed).
+    fn from(r: CloseReason) -> Self {
+        let kind = match r {
+            CloseReason::Protocol(_) => std::io::ErrorKind::InvalidData,
+            _ => std::io::ErrorKind::NotConnected,
+        };
+        std::io::Error::new(kind, r)
+    }
+}
