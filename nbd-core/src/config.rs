@@ -98,6 +98,13 @@ pub struct Limits {
     pub max_meta_contexts: usize,
     /// Most block-status extents kept from one chunk.
     pub max_extents: usize,
+    /// Most exports one `NBD_OPT_LIST` may report (default 100,000; real
+    /// servers list a handful). Past it the connection ends with
+    /// [`crate::ProtocolError::ExportListTooLong`].
+    pub max_exports: usize,
+    /// Most bytes of export names and descriptions one `NBD_OPT_LIST` may
+    /// report (default 64 MiB).
+    pub max_export_list_bytes: u64,
 }
 
 impl Default for Limits {
@@ -108,6 +115,8 @@ impl Default for Limits {
             max_read: 64 << 20,
             default_max_write: 32 << 20,
             max_meta_contexts: 4096,
+            max_exports: 100_000,
+            max_export_list_bytes: 64 << 20,
             max_extents: 1 << 20,
         }
     }

@@ -88,6 +88,23 @@ pub enum ProtocolError {
     /// More meta contexts than the configured limit.
     #[error("server sent more than {0} meta contexts")]
     TooManyMetaContexts(usize),
+    /// An `NBD_OPT_LIST` reply went past [`crate::Limits::max_exports`]
+    /// exports or [`crate::Limits::max_export_list_bytes`] bytes of names
+    /// and descriptions.
+    #[error(
+        "the server listed more than {max_exports} exports or {max_bytes} bytes of names \
+         and descriptions (at export {exports}, {bytes} bytes)"
+    )]
+    ExportListTooLong {
+        /// Exports received so far, the one that broke the limit included.
+        exports: usize,
+        /// Bytes of names and descriptions so far.
+        bytes: u64,
+        /// The configured count limit.
+        max_exports: usize,
+        /// The configured byte limit.
+        max_bytes: u64,
+    },
     /// A second acknowledgement of STARTTLS once TLS is running.
     #[error("server acknowledged STARTTLS although TLS is already running")]
     StartTlsTwice,

@@ -108,8 +108,6 @@ pub(crate) enum ReplyStage {
 /// An option answered by an ACK or an error alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PlainOption {
-    /// `NBD_OPT_LIST` (its exports are reported as they arrive).
-    List,
     Abort,
     StartTls,
     StructuredReply,
@@ -119,7 +117,6 @@ pub(crate) enum PlainOption {
 impl PlainOption {
     fn kind(self) -> OptionKind {
         match self {
-            PlainOption::List => OptionKind::List,
             PlainOption::Abort => OptionKind::Abort,
             PlainOption::StartTls => OptionKind::StartTls,
             PlainOption::StructuredReply => OptionKind::StructuredReply,
@@ -133,6 +130,14 @@ impl PlainOption {
 #[derive(Debug)]
 pub(crate) enum Op {
     Plain(PlainOption),
+    /// `NBD_OPT_LIST`: its exports are reported as they arrive; how many
+    /// and how many bytes of names and descriptions so far, against
+    /// [`crate::Limits::max_exports`] and
+    /// [`crate::Limits::max_export_list_bytes`].
+    List {
+        exports: usize,
+        bytes: u64,
+    },
     /// INFO (`go` false) or GO: what the server said about the export so far.
     Export {
         go: bool,
@@ -154,6 +159,7 @@ impl Op {
     pub(crate) fn kind(&self) -> OptionKind {
         match self {
             Op::Plain(o) => o.kind(),
+            Op::List { .. } => OptionKind::List,
             Op::Export { go: true, .. } => OptionKind::Go,
             Op::Export { go: false, .. } => OptionKind::Info,
             Op::Meta { set: true, .. } => OptionKind::SetMetaContext,
@@ -259,7 +265,14 @@ impl Connection {
     pub fn opt_list(&mut self) -> Result<(), UsageError> {
         self.need_negotiating("opt_list")?;
         self.need_fixed("listing exports")?;
-        self.send_option(PlainOption::List, Origin::User);
+        self.send_op(
+            Op::List {
+                exports: 0,
+                bytes: 0,
+            },
+            &[],
+            Origin::User,
+        );
         Ok(())
     }
 
@@ -840,8 +853,21 @@ impl Connection {
                 reply: RepError::from_wire(t),
                 message: wopt::human_text(payload),
             })),
-            (rep::SERVER, Op::Plain(PlainOption::List)) => {
+            (rep::SERVER, Op::List { exports, bytes }) => {
                 let (name, description) = wopt::parse_server_reply(payload)?;
+                // The adapter may keep every export (nbd-std returns them
+                // all): bound what one listing can make it hold.
+                *exports += 1;
+                *bytes += (name.len() + description.len()) as u64;
+                let limits = &self.cfg.limits;
+                if *exports > limits.max_exports || *bytes > limits.max_export_list_bytes {
+                    return Err(ProtocolError::ExportListTooLong {
+                        exports: *exports,
+                        bytes: *bytes,
+                        max_exports: limits.max_exports,
+                        max_bytes: limits.max_export_list_bytes,
+                    });
+                }
                 self.events.push_back(Event::ExportListed {
                     name: name.to_owned(),
                     description,
@@ -919,7 +945,7 @@ impl Connection {
             }
             Op::Plain(PlainOption::ExtendedHeaders) => self.header_mode = HeaderMode::Extended,
             // The exports were reported as they arrived.
-            Op::Plain(PlainOption::List) => {}
+            Op::List { .. } => {}
             Op::Meta { set, list, export } => {
                 if set {
                     self.contexts = list.clone();
@@ -1029,7 +1055,7 @@ impl Connection {
                     self.info = None;
                 }
             }
-            Op::Plain(_) | Op::Meta { set: false, .. } => {}
+            Op::Plain(_) | Op::List { .. } | Op::Meta { set: false, .. } => {}
         }
         self.option_finished(kind, p.origin, Some(error));
     }
@@ -1054,7 +1080,7 @@ impl Connection {
                 0
             }
             (t, _) if t & rep::FLAG_ERROR != 0 => MAX_STRING_LEN as u32,
-            (rep::SERVER, Op::Plain(PlainOption::List)) => MAX_SERVER_REPLY,
+            (rep::SERVER, Op::List { .. }) => MAX_SERVER_REPLY,
             (rep::INFO, Op::Export { .. }) => {
                 if h.length > MAX_SKIPPED_INFO {
                     return Err(too_long(MAX_SKIPPED_INFO));
