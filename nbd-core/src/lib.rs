@@ -166,6 +166,7 @@ mod buffer;
 mod client;
 pub mod config;
 pub mod consts;
+mod coverage;
 pub mod error;
 pub mod event;
 mod flags;

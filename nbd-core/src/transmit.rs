@@ -13,6 +13,7 @@ use crate::config::{Config, Limits, Strict};
 use crate::consts::{
     chunk, cmd, cmd_flags as cf, errno, reply_flags, transmission_flags as tf, MAX_STRING_LEN,
 };
+use crate::coverage::Coverage;
 use crate::error::{CommandError, NbdErrno, ProtocolError, Refused, UsageError};
 use crate::event::{Cookie, Event, ExportInfo, Extent, ReadChunkKind};
 use crate::flags::CmdFlags;
@@ -66,8 +67,9 @@ struct Request {
     /// Content bytes received (reads).
     covered: u64,
     content_chunks: u32,
-    /// Ranges of content received, kept only while chunks arrive out of order.
-    ranges: Vec<(u64, u64)>,
+    /// Bytes of content received, tracked only once chunks arrive out of
+    /// order.
+    coverage: Coverage,
     /// Contexts answered (block status).
     contexts_seen: Vec<u32>,
     /// Payload bytes charged against the in-flight byte limit.
@@ -411,20 +413,15 @@ impl Transmission {
         let r = self.req(slot);
         // While chunks arrive in order, `covered` alone describes them (one
         // run from the request's offset), so nothing is recorded or allocated.
-        if !(r.ranges.is_empty() && off == r.offset + r.covered) {
-            if r.ranges.is_empty() && r.covered > 0 {
-                let run = (r.offset, r.offset + r.covered);
-                r.ranges.push(run);
-            }
-            let overlaps = r.ranges.iter().any(|&(a, b)| off < b && a < end);
-            if overlaps {
+        if !(r.coverage.in_order() && off == r.offset + r.covered) {
+            let (start, stop) = (off - r.offset, end - r.offset);
+            if !r.coverage.add(start, stop, r.covered, r.length) {
                 return Err(ProtocolError::ChunkOverlap {
                     cookie,
                     offset: off,
                     length: len,
                 });
             }
-            r.ranges.push((off, end));
         }
         r.covered += len;
         r.content_chunks += 1;
@@ -663,7 +660,7 @@ impl Connection {
         r.error = None;
         r.covered = 0;
         r.content_chunks = 0;
-        r.ranges.clear();
+        r.coverage.reset();
         r.contexts_seen.clear();
         r.charged = p.charged;
         x.in_flight += 1;
