@@ -14,7 +14,7 @@ use common::script::{
     ack, cat, export_name_reply, fixed_newstyle, go_ok, greeting, info_block_size, info_export,
     meta_context, oldstyle, opt_reply, opt_reply_header, server_entry,
 };
-use common::{info_request, Pair};
+use common::{config, info_request, Pair};
 use nbd_core::consts::{
     client_flags as cf, handshake_flags as hf, info, opt, rep, transmission_flags as tf, NBDMAGIC,
 };
@@ -113,11 +113,7 @@ fn rule_8_to_10_client_flags_only_those_advertised() {
         assert!(t.closed().is_none());
     }
     // The client's own configuration can withhold a flag the server offered.
-    let mut t = Pair::new({
-        let mut cfg = Config::default();
-        cfg.handshake_flags = cf::FIXED_NEWSTYLE;
-        cfg
-    });
+    let mut t = Pair::with(|cfg| cfg.handshake_flags = cf::FIXED_NEWSTYLE);
     t.feed(&fixed_newstyle());
     assert_eq!(t.client_flags(), cf::FIXED_NEWSTYLE);
 }
@@ -193,11 +189,10 @@ fn rule_1_6_export_name_reply_with_zeroes_otherwise() {
     // 124 zero bytes follow, and the client waits for all of them.
     let configs = [
         (0u16, Config::default()),
-        (hf::NO_ZEROES, {
-            let mut cfg = Config::default();
-            cfg.handshake_flags = cf::FIXED_NEWSTYLE;
-            cfg
-        }),
+        (
+            hf::NO_ZEROES,
+            config(|cfg| cfg.handshake_flags = cf::FIXED_NEWSTYLE),
+        ),
     ];
     for (server, cfg) in configs {
         let mut t = Pair::new(cfg);
@@ -220,11 +215,7 @@ fn rule_1_6_export_name_reply_with_zeroes_otherwise() {
 fn rule_1_6_go_reply_never_padded() {
     // GO after a greeting without NO_ZEROES: no padding; a following byte
     // would be unexpected data, not padding.
-    let mut t = Pair::new({
-        let mut cfg = Config::default();
-        cfg.request_structured_replies = false;
-        cfg
-    });
+    let mut t = Pair::with(|cfg| cfg.request_structured_replies = false);
     t.feed(&greeting(hf::FIXED_NEWSTYLE));
     t.feed(&go_ok(opt::GO, SIZE, FLAGS));
     assert_eq!(t.conn.phase(), Phase::Ready);
@@ -598,11 +589,7 @@ fn rule_31_go_unsup_falls_back_in_option_mode_too() {
 
 #[test]
 fn rule_33_go_asks_for_block_size_and_rule_27_layout() {
-    let mut t = Pair::new({
-        let mut cfg = Config::default();
-        cfg.export_name = "exp".into();
-        cfg
-    });
+    let mut t = Pair::with(|cfg| cfg.export_name = "exp".into());
     t.feed(&prelude());
     let (o, d) = t.options().pop().unwrap();
     assert_eq!(o, opt::GO);
@@ -611,11 +598,7 @@ fn rule_33_go_asks_for_block_size_and_rule_27_layout() {
 
 #[test]
 fn rule_33_block_size_reqd_retries_with_block_size() {
-    let mut t = Pair::new({
-        let mut cfg = Config::default();
-        cfg.request_block_size = false;
-        cfg
-    });
+    let mut t = Pair::with(|cfg| cfg.request_block_size = false);
     t.feed(&prelude());
     let (_, d) = t.options().pop().unwrap();
     assert_eq!(info_request(&d).1, Vec::<u16>::new());
@@ -946,11 +929,7 @@ fn rule_2_8_flags_without_has_flags_are_rejected() {
 fn rule_2_8_flags_that_need_unnegotiated_features_are_cleared() {
     // DF without structured replies, FAST_ZERO without WRITE_ZEROES,
     // BLOCK_STATUS_PAYLOAD without extended headers.
-    let mut t = Pair::new({
-        let mut cfg = Config::default();
-        cfg.request_structured_replies = false;
-        cfg
-    });
+    let mut t = Pair::with(|cfg| cfg.request_structured_replies = false);
     t.feed(&fixed_newstyle());
     let flags = tf::HAS_FLAGS | tf::SEND_DF | tf::SEND_FAST_ZERO | tf::BLOCK_STATUS_PAYLOAD;
     t.feed(&cat(&[&info_export(opt::GO, SIZE, flags), &ack(opt::GO)]));
@@ -1007,11 +986,7 @@ fn full_negotiations() -> Vec<(&'static str, Config, Vec<u8>)> {
         ),
         (
             "option-mode",
-            {
-                let mut cfg = Config::default();
-                cfg.opt_mode = true;
-                cfg
-            },
+            config(|cfg| cfg.opt_mode = true),
             Vec::new(), // built by drive_option_mode
         ),
     ]

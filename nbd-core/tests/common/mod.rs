@@ -131,11 +131,14 @@ impl Pair {
         }
     }
 
+    /// A new connection with the default settings changed by `f`.
+    pub fn with(f: impl FnOnce(&mut Config)) -> Pair {
+        Pair::new(config(f))
+    }
+
     /// A new connection in option mode, otherwise with default settings.
     pub fn opt_mode() -> Pair {
-        let mut cfg = Config::default();
-        cfg.opt_mode = true;
-        Pair::new(cfg)
+        Pair::with(|cfg| cfg.opt_mode = true)
     }
 
     // ----- input -----
@@ -516,6 +519,13 @@ impl Pair {
     pub fn error(&self, flags: u16, c: Cookie, err: u32, msg: &str) -> Vec<u8> {
         self.chunk(flags, ct::ERROR, c, &script::error_payload(err, msg))
     }
+}
+
+/// The default settings changed by `f`.
+pub fn config(f: impl FnOnce(&mut Config)) -> Config {
+    let mut cfg = Config::default();
+    f(&mut cfg);
+    cfg
 }
 
 /// The data of an INFO/GO request: (name, requested info types); asserts
