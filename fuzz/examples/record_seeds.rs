@@ -25,13 +25,13 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use nbd_core::consts::{chunk, info, opt, rep};
+use nbd_core::consts::{chunk, opt, rep};
 use nbd_core::wire::reply::{encode_chunk_header, HeaderMode};
 use nbd_core::wire::request::{encode_request, RequestHeader};
 use nbd_fuzz::script::{
     ack, error_offset_payload, error_payload, export_name_reply, fixed_newstyle, hole,
     info_block_size, info_description, info_export, info_name, meta_context, offset_data, oldstyle,
-    opt_reply, server_payload, simple_reply,
+    opt_reply, opt_reply_payload, server_payload, simple_reply,
 };
 use nbd_fuzz::{feed, push_frame, Driver, Setup, HEADER_LEN};
 use nbd_tests::{make_sparse_file, scratch_dir, Server, TempDir};
@@ -330,24 +330,22 @@ fn write_wire_seeds(dir: &Path) {
         "server-reply",
         &opt_reply(opt::LIST, rep::SERVER, &server),
     );
-    let mut ie = info::EXPORT.to_be_bytes().to_vec();
-    ie.extend_from_slice(&(1u64 << 20).to_be_bytes());
-    ie.extend_from_slice(&0x0d6du16.to_be_bytes());
-    put("wire_option", "info-export", &ie);
-    let mut ib = info::BLOCK_SIZE.to_be_bytes().to_vec();
-    for v in [512u32, 4096, 65536] {
-        ib.extend_from_slice(&v.to_be_bytes());
+    let payloads = [
+        ("info-export", info_export(opt::GO, 1 << 20, 0x0d6d)),
+        (
+            "info-block-size",
+            info_block_size(opt::GO, 512, 4096, 65536),
+        ),
+        ("info-name", info_name(opt::GO, "canonical")),
+        (
+            "info-description",
+            info_description(opt::GO, "d\u{e9}scription"),
+        ),
+        ("meta-context", meta_context(opt::GO, 1, "base:allocation")),
+    ];
+    for (name, reply) in &payloads {
+        put("wire_option", name, opt_reply_payload(reply));
     }
-    put("wire_option", "info-block-size", &ib);
-    let mut iname = info::NAME.to_be_bytes().to_vec();
-    iname.extend_from_slice(b"canonical");
-    put("wire_option", "info-name", &iname);
-    let mut idesc = info::DESCRIPTION.to_be_bytes().to_vec();
-    idesc.extend_from_slice("d\u{e9}scription".as_bytes());
-    put("wire_option", "info-description", &idesc);
-    let mut mc = 1u32.to_be_bytes().to_vec();
-    mc.extend_from_slice(b"base:allocation");
-    put("wire_option", "meta-context", &mc);
     put(
         "wire_option",
         "error-reply",

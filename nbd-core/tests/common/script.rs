@@ -65,6 +65,11 @@ pub fn opt_reply_header(option: u32, typ: u32, len: u32) -> Vec<u8> {
     v
 }
 
+/// The payload of one option reply (what follows its 20-byte header).
+pub fn opt_reply_payload(reply: &[u8]) -> &[u8] {
+    &reply[20..]
+}
+
 /// An option reply with its payload.
 pub fn opt_reply(option: u32, typ: u32, payload: &[u8]) -> Vec<u8> {
     let len = u32::try_from(payload.len()).expect("option reply payload fits u32");
