@@ -25,11 +25,14 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use nbd_core::consts::{
-    chunk, info, opt, rep, IHAVEOPT, NBDMAGIC, OLDSTYLE_MAGIC, OPTION_REPLY_MAGIC,
-};
-use nbd_core::wire::reply::{encode_chunk_header, encode_simple_reply, HeaderMode};
+use nbd_core::consts::{chunk, opt, rep};
+use nbd_core::wire::reply::{encode_chunk_header, HeaderMode};
 use nbd_core::wire::request::{encode_request, RequestHeader};
+use nbd_fuzz::script::{
+    ack, error_offset_payload, error_payload, export_name_reply, fixed_newstyle, hole,
+    info_block_size, info_description, info_export, info_name, meta_context, offset_data, oldstyle,
+    opt_reply, opt_reply_payload, server_payload, simple_reply,
+};
 use nbd_fuzz::{feed, push_frame, Driver, Setup, HEADER_LEN};
 use nbd_tests::{make_sparse_file, scratch_dir, Server, TempDir};
 
@@ -302,15 +305,6 @@ fn record_streams(dir: &Path) {
 
 // ----- seeds of the parser targets -----
 
-fn option_reply(option: u32, reply_type: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend_from_slice(&option.to_be_bytes());
-    v.extend_from_slice(&reply_type.to_be_bytes());
-    v.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    v.extend_from_slice(payload);
-    v
-}
-
 fn write_wire_seeds(dir: &Path) {
     let put = |target: &str, name: &str, data: &[u8]| {
         let d = dir.join(target);
@@ -319,52 +313,43 @@ fn write_wire_seeds(dir: &Path) {
     };
 
     // wire_handshake
-    let mut g = NBDMAGIC.to_be_bytes().to_vec();
-    g.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    g.extend_from_slice(&3u16.to_be_bytes());
-    put("wire_handshake", "newstyle", &g);
-    let mut o = NBDMAGIC.to_be_bytes().to_vec();
-    o.extend_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
-    o.extend_from_slice(&(1u64 << 20).to_be_bytes());
-    o.extend_from_slice(&0x0001_u32.to_be_bytes());
-    o.extend_from_slice(&[0; 124]);
-    put("wire_handshake", "oldstyle", &o);
-    let mut e = (1u64 << 20).to_be_bytes().to_vec();
-    e.extend_from_slice(&0x0d6du16.to_be_bytes());
-    put("wire_handshake", "export-name-reply", &e);
+    put("wire_handshake", "newstyle", &fixed_newstyle());
+    put("wire_handshake", "oldstyle", &oldstyle(1 << 20, 0x0001));
+    put(
+        "wire_handshake",
+        "export-name-reply",
+        &export_name_reply(1 << 20, 0x0d6d),
+    );
 
     // wire_option: headers, and payloads on their own
-    put("wire_option", "ack", &option_reply(opt::GO, rep::ACK, &[]));
-    let mut server = 3u32.to_be_bytes().to_vec();
-    server.extend_from_slice(b"expthe description");
+    put("wire_option", "ack", &ack(opt::GO));
+    let server = server_payload("exp", "the description");
     put("wire_option", "server-payload", &server);
     put(
         "wire_option",
         "server-reply",
-        &option_reply(opt::LIST, rep::SERVER, &server),
+        &opt_reply(opt::LIST, rep::SERVER, &server),
     );
-    let mut ie = info::EXPORT.to_be_bytes().to_vec();
-    ie.extend_from_slice(&(1u64 << 20).to_be_bytes());
-    ie.extend_from_slice(&0x0d6du16.to_be_bytes());
-    put("wire_option", "info-export", &ie);
-    let mut ib = info::BLOCK_SIZE.to_be_bytes().to_vec();
-    for v in [512u32, 4096, 65536] {
-        ib.extend_from_slice(&v.to_be_bytes());
+    let payloads = [
+        ("info-export", info_export(opt::GO, 1 << 20, 0x0d6d)),
+        (
+            "info-block-size",
+            info_block_size(opt::GO, 512, 4096, 65536),
+        ),
+        ("info-name", info_name(opt::GO, "canonical")),
+        (
+            "info-description",
+            info_description(opt::GO, "d\u{e9}scription"),
+        ),
+        ("meta-context", meta_context(opt::GO, 1, "base:allocation")),
+    ];
+    for (name, reply) in &payloads {
+        put("wire_option", name, opt_reply_payload(reply));
     }
-    put("wire_option", "info-block-size", &ib);
-    let mut iname = info::NAME.to_be_bytes().to_vec();
-    iname.extend_from_slice(b"canonical");
-    put("wire_option", "info-name", &iname);
-    let mut idesc = info::DESCRIPTION.to_be_bytes().to_vec();
-    idesc.extend_from_slice("d\u{e9}scription".as_bytes());
-    put("wire_option", "info-description", &idesc);
-    let mut mc = 1u32.to_be_bytes().to_vec();
-    mc.extend_from_slice(b"base:allocation");
-    put("wire_option", "meta-context", &mc);
     put(
         "wire_option",
         "error-reply",
-        &option_reply(opt::GO, rep::ERR_UNKNOWN, b"no such export"),
+        &opt_reply(opt::GO, rep::ERR_UNKNOWN, b"no such export"),
     );
 
     // wire_reply: selector byte, then the message
@@ -373,9 +358,11 @@ fn write_wire_seeds(dir: &Path) {
         v.extend_from_slice(b);
         v
     };
-    let mut s = BytesMut::new();
-    encode_simple_reply(0, 0x1_0000_0002, &mut s);
-    put("wire_reply", "simple", &with_sel(0, &s));
+    put(
+        "wire_reply",
+        "simple",
+        &with_sel(0, &simple_reply(0, 0x1_0000_0002)),
+    );
     let mut c = BytesMut::new();
     encode_chunk_header(
         HeaderMode::Structured,
@@ -398,27 +385,27 @@ fn write_wire_seeds(dir: &Path) {
         &mut x,
     );
     put("wire_reply", "extended-status", &with_sel(0, &x));
-    let mut hole = 4096u64.to_be_bytes().to_vec();
-    hole.extend_from_slice(&512u32.to_be_bytes());
-    put("wire_reply", "hole", &with_sel(0, &hole));
-    let mut err = 5u32.to_be_bytes().to_vec();
-    err.extend_from_slice(&4u16.to_be_bytes());
-    err.extend_from_slice(b"oops");
-    put("wire_reply", "error", &with_sel(0, &err));
-    let mut erro = err.clone();
-    erro.extend_from_slice(&4096u64.to_be_bytes());
-    put("wire_reply", "error-offset", &with_sel(1, &erro));
-    let mut bs = 1u32.to_be_bytes().to_vec();
-    for (l, f) in [(65536u32, 0u32), (983040, 3)] {
-        bs.extend_from_slice(&l.to_be_bytes());
-        bs.extend_from_slice(&f.to_be_bytes());
-    }
-    put("wire_reply", "block-status", &with_sel(5, &bs));
-    let mut bsx = 1u32.to_be_bytes().to_vec();
-    bsx.extend_from_slice(&1u32.to_be_bytes());
-    bsx.extend_from_slice(&(1u64 << 20).to_be_bytes());
-    bsx.extend_from_slice(&2u64.to_be_bytes());
-    put("wire_reply", "block-status-ext", &with_sel(6, &bsx));
+    put("wire_reply", "hole", &with_sel(0, &hole(4096, 512)));
+    put(
+        "wire_reply",
+        "error",
+        &with_sel(0, &error_payload(5, "oops")),
+    );
+    put(
+        "wire_reply",
+        "error-offset",
+        &with_sel(1, &error_offset_payload(5, "oops", 4096)),
+    );
+    put(
+        "wire_reply",
+        "block-status",
+        &with_sel(5, &status(false, 1, &[(65536, 0), (983040, 3)])),
+    );
+    put(
+        "wire_reply",
+        "block-status-ext",
+        &with_sel(6, &status(true, 1, &[(1 << 20, 2)])),
+    );
 
     // wire_request
     let h = RequestHeader {
@@ -465,57 +452,29 @@ fn chunk_msg(
     req_off: u64,
     payload: &[u8],
 ) -> Vec<u8> {
-    let mut b = BytesMut::new();
-    encode_chunk_header(
-        mode,
-        flags,
-        typ,
-        cookie(i),
-        req_off,
-        payload.len() as u64,
-        &mut b,
-    );
-    b.extend_from_slice(payload);
-    b.to_vec()
+    nbd_fuzz::script::chunk(mode, flags, typ, cookie(i), req_off, payload)
 }
 
 fn data(o: u64, n: usize, fill: u8) -> Vec<u8> {
-    let mut v = o.to_be_bytes().to_vec();
-    v.extend(std::iter::repeat_n(fill, n));
-    v
+    offset_data(o, &vec![fill; n])
 }
 
-fn hole(o: u64, n: u32) -> Vec<u8> {
-    let mut v = o.to_be_bytes().to_vec();
-    v.extend_from_slice(&n.to_be_bytes());
-    v
-}
-
-fn err(e: u32, msg: &[u8], o: Option<u64>) -> Vec<u8> {
-    let mut v = e.to_be_bytes().to_vec();
-    v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
-    v.extend_from_slice(msg);
-    if let Some(o) = o {
-        v.extend_from_slice(&o.to_be_bytes());
+/// An error payload, with an offset for NBD_REPLY_TYPE_ERROR_OFFSET.
+fn err(e: u32, msg: &str, o: Option<u64>) -> Vec<u8> {
+    match o {
+        Some(o) => error_offset_payload(e, msg, o),
+        None => error_payload(e, msg),
     }
-    v
 }
 
+/// A block status payload, 64-bit (`ext`) or 32-bit.
 fn status(ext: bool, id: u32, list: &[(u64, u64)]) -> Vec<u8> {
-    let mut v = id.to_be_bytes().to_vec();
     if ext {
-        v.extend_from_slice(&(list.len() as u32).to_be_bytes());
+        nbd_fuzz::script::status_ext(id, list)
+    } else {
+        let list: Vec<(u32, u32)> = list.iter().map(|&(l, f)| (l as u32, f as u32)).collect();
+        nbd_fuzz::script::status(id, &list)
     }
-    for (l, f) in list {
-        if ext {
-            v.extend_from_slice(&l.to_be_bytes());
-            v.extend_from_slice(&f.to_be_bytes());
-        } else {
-            v.extend_from_slice(&(*l as u32).to_be_bytes());
-            v.extend_from_slice(&(*f as u32).to_be_bytes());
-        }
-    }
-    v
 }
 
 /// Replies no stock server sends, to the harness batch: chunks out of
@@ -555,9 +514,7 @@ fn synthetic_replies(m: HeaderMode) -> Vec<u8> {
     if ext {
         v.extend(chunk_msg(m, DONE, chunk::NONE, 2, 16384, &[]));
     } else {
-        let mut simple = BytesMut::new();
-        encode_simple_reply(0, cookie(2), &mut simple);
-        v.extend_from_slice(&simple);
+        v.extend(simple_reply(0, cookie(2)));
     }
     // read 3 (16384+1024): an error with an offset, then the data
     v.extend(chunk_msg(
@@ -566,7 +523,7 @@ fn synthetic_replies(m: HeaderMode) -> Vec<u8> {
         chunk::ERROR_OFFSET,
         3,
         16384,
-        &err(5, b"bad sector", Some(16400)),
+        &err(5, "bad sector", Some(16400)),
     ));
     v.extend(chunk_msg(
         m,
@@ -584,7 +541,7 @@ fn synthetic_replies(m: HeaderMode) -> Vec<u8> {
         chunk::ERROR,
         5,
         65536,
-        &err(1, b"", None),
+        &err(1, "", None),
     ));
     v.extend(chunk_msg(
         m,
@@ -592,7 +549,7 @@ fn synthetic_replies(m: HeaderMode) -> Vec<u8> {
         0x8123,
         6,
         131072,
-        &err(28, b"odd type", None),
+        &err(28, "odd type", None),
     ));
     // block status 7 and 8 (REQ_ONE)
     v.extend(chunk_msg(
@@ -636,53 +593,29 @@ fn synthetic_replies(m: HeaderMode) -> Vec<u8> {
         chunk::ERROR,
         10,
         0,
-        &err(108, b"shutting down", None),
+        &err(108, "shutting down", None),
     ));
     v
-}
-
-fn info_reply(o: u32, typ: u16, fields: &[&[u8]]) -> Vec<u8> {
-    let mut p = typ.to_be_bytes().to_vec();
-    for f in fields {
-        p.extend_from_slice(f);
-    }
-    option_reply(o, rep::INFO, &p)
 }
 
 fn synthetic_seeds(dir: &Path) {
     let dir = dir.join("state_machine");
     fs::create_dir_all(&dir).expect("seed dir");
-    let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
-    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting.extend_from_slice(&3u16.to_be_bytes());
-    let mut mc = 1u32.to_be_bytes().to_vec();
-    mc.extend_from_slice(b"base:allocation");
-    let mut meta = option_reply(opt::SET_META_CONTEXT, rep::META_CONTEXT, &mc);
-    meta.extend(option_reply(opt::SET_META_CONTEXT, rep::ACK, &[]));
-    let mut go = info_reply(
-        opt::GO,
-        info::EXPORT,
-        &[&(1u64 << 20).to_be_bytes(), &0x0d6du16.to_be_bytes()],
-    );
-    go.extend(info_reply(
-        opt::GO,
-        info::BLOCK_SIZE,
-        &[
-            &1u32.to_be_bytes(),
-            &4096u32.to_be_bytes(),
-            &(32u32 << 20).to_be_bytes(),
-        ],
-    ));
-    go.extend(option_reply(opt::GO, rep::ACK, &[]));
+    let greeting = fixed_newstyle();
+    let mut meta = meta_context(opt::SET_META_CONTEXT, 1, "base:allocation");
+    meta.extend(ack(opt::SET_META_CONTEXT));
+    let mut go = info_export(opt::GO, 1 << 20, 0x0d6d);
+    go.extend(info_block_size(opt::GO, 1, 4096, 32 << 20));
+    go.extend(ack(opt::GO));
     for (name, mode) in [
         ("synthetic-structured", HeaderMode::Structured),
         ("synthetic-extended", HeaderMode::Extended),
     ] {
         let mut negotiation = if mode == HeaderMode::Extended {
-            option_reply(opt::EXTENDED_HEADERS, rep::ACK, &[])
+            ack(opt::EXTENDED_HEADERS)
         } else {
-            let mut v = option_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, b"no");
-            v.extend(option_reply(opt::STRUCTURED_REPLY, rep::ACK, &[]));
+            let mut v = opt_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, b"no");
+            v.extend(ack(opt::STRUCTURED_REPLY));
             v
         };
         negotiation.extend_from_slice(&meta);
@@ -699,40 +632,30 @@ fn synthetic_seeds(dir: &Path) {
 /// Option mode against a server that acknowledges STARTTLS (the harness
 /// takes the TLS handshake as done) and every later option.
 fn synthetic_tls_seed(dir: &Path) {
-    let mut greeting = NBDMAGIC.to_be_bytes().to_vec();
-    greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    greeting.extend_from_slice(&3u16.to_be_bytes());
-    let ack = |o: u32| option_reply(o, rep::ACK, &[]);
+    let greeting = fixed_newstyle();
     let meta = |o: u32, id: u32| {
-        let mut p = id.to_be_bytes().to_vec();
-        p.extend_from_slice(b"base:allocation");
-        let mut v = option_reply(o, rep::META_CONTEXT, &p);
+        let mut v = meta_context(o, id, "base:allocation");
         v.extend(ack(o));
         v
     };
     let export = |o: u32| {
-        let mut v = info_reply(
-            o,
-            info::EXPORT,
-            &[&(1u64 << 20).to_be_bytes(), &0x0d6du16.to_be_bytes()],
-        );
-        v.extend(info_reply(o, info::NAME, &[b"canonical"]));
-        v.extend(info_reply(o, info::DESCRIPTION, &[b"described"]));
+        let mut v = info_export(o, 1 << 20, 0x0d6d);
+        v.extend(info_name(o, "canonical"));
+        v.extend(info_description(o, "described"));
         v.extend(ack(o));
         v
     };
-    let mut list = 3u32.to_be_bytes().to_vec();
-    list.extend_from_slice(b"expdescription");
+    let list = server_payload("exp", "description");
     let frames: Vec<Vec<u8>> = vec![
         greeting,
         [
-            option_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]),
+            opt_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]),
             ack(opt::STRUCTURED_REPLY),
         ]
         .concat(),
         ack(opt::STARTTLS),
-        [option_reply(opt::LIST, rep::SERVER, &list), ack(opt::LIST)].concat(),
-        option_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, b"still no"),
+        [opt_reply(opt::LIST, rep::SERVER, &list), ack(opt::LIST)].concat(),
+        opt_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, b"still no"),
         ack(opt::STRUCTURED_REPLY),
         meta(opt::LIST_META_CONTEXT, 0),
         meta(opt::SET_META_CONTEXT, 1),

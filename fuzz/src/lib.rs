@@ -25,6 +25,11 @@
 //!
 //! After the last frame the harness reports EOF and checks the invariants
 //! (see [`Driver`]).
+//!
+//! [`script`] is nbd-core's own test harness file
+//! (`nbd-core/tests/common/script.rs`, included with `#[path]`): the server
+//! byte builders the seed recorder uses and the two input paths, shared
+//! with nbd-core's integration tests instead of copied.
 
 use std::collections::BTreeSet;
 use std::io::IoSlice;
@@ -32,6 +37,9 @@ use std::io::IoSlice;
 use bytes::{Bytes, BytesMut};
 use nbd_core::consts::cmd_flags;
 use nbd_core::{CmdFlags, Config, Connection, Cookie, Event, Phase, Strict, UsageError};
+
+#[path = "../../nbd-core/tests/common/script.rs"]
+pub mod script;
 
 /// Length of the input header of `state_machine`.
 pub const HEADER_LEN: usize = 4;
@@ -569,22 +577,13 @@ pub fn push_frame(out: &mut Vec<u8>, frame: &[u8]) {
 }
 
 /// Feeds `piece` to the connection through the chosen input path.
-pub fn feed(conn: &mut Connection, mut piece: &[u8], recv_path: bool) {
-    if !recv_path {
-        conn.handle_input(piece);
-        return;
-    }
-    while !piece.is_empty() && !conn.is_finished() {
-        let buf = conn.recv_buf();
-        assert!(
-            !buf.is_empty(),
-            "recv_buf is empty while the connection expects input"
-        );
-        let n = buf.len().min(piece.len());
-        buf[..n].copy_from_slice(&piece[..n]);
-        conn.recv_commit(n);
-        piece = &piece[n..];
-    }
+pub fn feed(conn: &mut Connection, piece: &[u8], recv_path: bool) {
+    let input = if recv_path {
+        script::Input::Recv
+    } else {
+        script::Input::Copy
+    };
+    script::give(conn, piece, input);
 }
 
 /// The `state_machine` fuzz target.

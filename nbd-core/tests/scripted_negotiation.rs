@@ -1,15 +1,22 @@
 //! Deterministic tests of the handshake and option-haggling state machine:
-//! a `Connection` is driven with hand-built server bytes and the test checks
-//! the events, the phase and the exact bytes the client sent. Test names
+//! a `Connection` is driven through the harness's `Pair` (`common/mod.rs`)
+//! with hand-built server bytes (`common::script`) and the test checks the
+//! events, the phase and the exact bytes the client sent. Test names
 //! follow the rules of the client checklist (`nbd-protocol.md` §4; §1 and §2
 //! for the message layouts), e.g. `rule_31_...` for rule 31.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
+mod common;
+
+use common::script::{
+    ack, cat, export_name_reply, fixed_newstyle, go_ok, greeting, info_block_size, info_export,
+    meta_context, oldstyle, opt_reply, opt_reply_header, server_entry,
+};
+use common::{config, info_request, Pair};
 use nbd_core::consts::{
-    client_flags as cf, handshake_flags as hf, info, opt, rep, transmission_flags as tf, IHAVEOPT,
-    NBDMAGIC, OLDSTYLE_MAGIC, OPTION_REPLY_MAGIC,
+    client_flags as cf, handshake_flags as hf, info, opt, rep, transmission_flags as tf, NBDMAGIC,
 };
 use nbd_core::error::{ProtocolError, RepError, UsageError};
 use nbd_core::wire::WireError;
@@ -66,208 +73,19 @@ fn largest_allocation(f: impl FnOnce()) -> usize {
     LARGEST.with(Cell::get)
 }
 
-// ----- server bytes -----
+// ----- scenario data -----
 
 const FLAGS: u16 = tf::HAS_FLAGS | tf::SEND_FLUSH | tf::SEND_FUA | tf::SEND_TRIM;
 const SIZE: u64 = 1 << 20;
-
-fn greeting(flags: u16) -> Vec<u8> {
-    let mut v = NBDMAGIC.to_be_bytes().to_vec();
-    v.extend_from_slice(&IHAVEOPT.to_be_bytes());
-    v.extend_from_slice(&flags.to_be_bytes());
-    v
-}
-
-fn oldstyle(size: u64, flags32: u32) -> Vec<u8> {
-    let mut v = NBDMAGIC.to_be_bytes().to_vec();
-    v.extend_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
-    v.extend_from_slice(&size.to_be_bytes());
-    v.extend_from_slice(&flags32.to_be_bytes());
-    v.extend_from_slice(&[0; 124]);
-    v
-}
-
-fn reply_header(option: u32, typ: u32, len: u32) -> Vec<u8> {
-    let mut v = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
-    v.extend_from_slice(&option.to_be_bytes());
-    v.extend_from_slice(&typ.to_be_bytes());
-    v.extend_from_slice(&len.to_be_bytes());
-    v
-}
-
-fn reply(option: u32, typ: u32, payload: &[u8]) -> Vec<u8> {
-    let mut v = reply_header(option, typ, payload.len() as u32);
-    v.extend_from_slice(payload);
-    v
-}
-
-fn ack(option: u32) -> Vec<u8> {
-    reply(option, rep::ACK, &[])
-}
-
-fn info_export(option: u32, size: u64, flags: u16) -> Vec<u8> {
-    let mut p = info::EXPORT.to_be_bytes().to_vec();
-    p.extend_from_slice(&size.to_be_bytes());
-    p.extend_from_slice(&flags.to_be_bytes());
-    reply(option, rep::INFO, &p)
-}
-
-fn info_block_size(option: u32, min: u32, pref: u32, max: u32) -> Vec<u8> {
-    let mut p = info::BLOCK_SIZE.to_be_bytes().to_vec();
-    for v in [min, pref, max] {
-        p.extend_from_slice(&v.to_be_bytes());
-    }
-    reply(option, rep::INFO, &p)
-}
-
-fn meta_context(option: u32, id: u32, name: &str) -> Vec<u8> {
-    let mut p = id.to_be_bytes().to_vec();
-    p.extend_from_slice(name.as_bytes());
-    reply(option, rep::META_CONTEXT, &p)
-}
-
-fn server_reply(name: &str, desc: &str) -> Vec<u8> {
-    let mut p = (name.len() as u32).to_be_bytes().to_vec();
-    p.extend_from_slice(name.as_bytes());
-    p.extend_from_slice(desc.as_bytes());
-    reply(opt::LIST, rep::SERVER, &p)
-}
-
-/// GO (or INFO) success: NBD_INFO_EXPORT then ACK.
-fn go_ok(option: u32) -> Vec<u8> {
-    let mut v = info_export(option, SIZE, FLAGS);
-    v.extend(ack(option));
-    v
-}
-
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
-}
 
 /// The usual prelude of a fixed-newstyle server that has no extended
 /// headers but structured replies, for a client with default settings.
 fn prelude() -> Vec<u8> {
     cat(&[
-        &greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES),
-        &reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]),
+        &fixed_newstyle(),
+        &opt_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]),
         &ack(opt::STRUCTURED_REPLY),
     ])
-}
-
-// ----- the client side -----
-
-/// A connection with everything it sent and every event it reported.
-struct Client {
-    c: Connection,
-    sent: Vec<u8>,
-    events: Vec<Event>,
-}
-
-impl Client {
-    fn new(cfg: Config) -> Client {
-        Client {
-            c: Connection::new(cfg),
-            sent: Vec::new(),
-            events: Vec::new(),
-        }
-    }
-
-    fn opt_mode() -> Client {
-        Client::new({
-            let mut cfg = Config::default();
-            cfg.opt_mode = true;
-            cfg
-        })
-    }
-
-    fn drain(&mut self) {
-        self.c.poll_transmit(&mut self.sent);
-        while let Some(ev) = self.c.poll_event() {
-            self.events.push(ev);
-        }
-    }
-
-    fn feed(&mut self, b: &[u8]) -> &mut Self {
-        self.c.handle_input(b);
-        self.drain();
-        self
-    }
-
-    fn eof(&mut self) -> &mut Self {
-        self.c.handle_eof();
-        self.drain();
-        self
-    }
-
-    /// The client flags (first 4 bytes sent).
-    fn client_flags(&self) -> u32 {
-        u32::from_be_bytes(self.sent[..4].try_into().unwrap())
-    }
-
-    /// The options sent after the client flags: (option, data).
-    fn options(&self) -> Vec<(u32, Vec<u8>)> {
-        let mut v = Vec::new();
-        let mut b = &self.sent[4..];
-        while !b.is_empty() {
-            assert!(b.len() >= 16, "truncated option in {:?}", self.sent);
-            assert_eq!(&b[..8], &IHAVEOPT.to_be_bytes(), "option magic");
-            let option = u32::from_be_bytes(b[8..12].try_into().unwrap());
-            let len = u32::from_be_bytes(b[12..16].try_into().unwrap()) as usize;
-            v.push((option, b[16..16 + len].to_vec()));
-            b = &b[16 + len..];
-        }
-        v
-    }
-
-    fn option_codes(&self) -> Vec<u32> {
-        self.options().into_iter().map(|(o, _)| o).collect()
-    }
-
-    fn closed(&self) -> Option<&CloseReason> {
-        let closes: Vec<_> = self
-            .events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Closed(r) => Some(r),
-                _ => None,
-            })
-            .collect();
-        assert!(closes.len() <= 1, "more than one Closed: {:?}", self.events);
-        closes.first().copied()
-    }
-
-    fn protocol_error(&self) -> &ProtocolError {
-        match self.closed() {
-            Some(CloseReason::Protocol(e)) => e,
-            other => panic!(
-                "expected Closed(Protocol(..)), got {other:?}; events {:?}",
-                self.events
-            ),
-        }
-    }
-
-    fn go_info(&self) -> &nbd_core::ExportInfo {
-        self.events
-            .iter()
-            .find_map(|e| match e {
-                Event::GoSucceeded(i) => Some(i),
-                _ => None,
-            })
-            .unwrap_or_else(|| panic!("no GoSucceeded in {:?}", self.events))
-    }
-}
-
-/// The data of an INFO/GO request: (name, requested info types).
-fn parse_info_request(d: &[u8]) -> (String, Vec<u16>) {
-    let n = u32::from_be_bytes(d[..4].try_into().unwrap()) as usize;
-    let name = String::from_utf8(d[4..4 + n].to_vec()).unwrap();
-    let k = u16::from_be_bytes(d[4 + n..6 + n].try_into().unwrap()) as usize;
-    assert_eq!(d.len(), 6 + n + 2 * k, "rule 27: exact option length");
-    let infos = d[6 + n..]
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .collect();
-    (name, infos)
 }
 
 // ===== §4.2 handshake =====
@@ -287,33 +105,29 @@ fn rule_8_to_10_client_flags_only_those_advertised() {
         (0xffff, cf::FIXED_NEWSTYLE | cf::NO_ZEROES),
     ];
     for (server, want) in cases {
-        let mut t = Client::new(Config::default());
+        let mut t = Pair::new(Config::default());
         t.feed(&greeting(server));
         assert_eq!(t.client_flags(), want, "server flags {server:#x}");
-        assert_eq!(t.c.server_handshake_flags(), server);
-        assert_eq!(t.c.client_flags(), want);
+        assert_eq!(t.conn.server_handshake_flags(), server);
+        assert_eq!(t.conn.client_flags(), want);
         assert!(t.closed().is_none());
     }
     // The client's own configuration can withhold a flag the server offered.
-    let mut t = Client::new({
-        let mut cfg = Config::default();
-        cfg.handshake_flags = cf::FIXED_NEWSTYLE;
-        cfg
-    });
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
+    let mut t = Pair::with(|cfg| cfg.handshake_flags = cf::FIXED_NEWSTYLE);
+    t.feed(&fixed_newstyle());
     assert_eq!(t.client_flags(), cf::FIXED_NEWSTYLE);
 }
 
 #[test]
 fn rule_1_1_bad_magics_are_fatal() {
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(b"HTTP/1.1 200 OK\r\n");
     assert!(matches!(
         t.protocol_error(),
         ProtocolError::Wire(WireError::BadInitialMagic(_))
     ));
-    assert!(t.sent.is_empty());
-    let mut t = Client::new(Config::default());
+    assert!(t.sent().is_empty());
+    let mut t = Pair::new(Config::default());
     let mut g = NBDMAGIC.to_be_bytes().to_vec();
     g.extend_from_slice(b"IHAVEOPX");
     t.feed(&g);
@@ -325,25 +139,29 @@ fn rule_1_1_bad_magics_are_fatal() {
 
 #[test]
 fn rule_1_2_oldstyle_greeting_enters_transmission() {
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     let g = oldstyle(SIZE, u32::from(FLAGS));
     t.feed(&g[..151]);
-    assert_eq!(t.c.phase(), Phase::Connecting, "waits for all 124 zeroes");
+    assert_eq!(
+        t.conn.phase(),
+        Phase::Connecting,
+        "waits for all 124 zeroes"
+    );
     t.feed(&g[151..]);
-    assert_eq!(t.c.phase(), Phase::Ready);
-    assert_eq!(t.c.protocol(), Some(Protocol::Oldstyle));
+    assert_eq!(t.conn.phase(), Phase::Ready);
+    assert_eq!(t.conn.protocol(), Some(Protocol::Oldstyle));
     assert!(
-        t.sent.is_empty(),
+        t.sent().is_empty(),
         "the client sends nothing to an oldstyle server"
     );
     let i = t.go_info();
     assert_eq!((i.size, i.flags), (SIZE, FLAGS));
-    assert!(!t.c.structured_replies_negotiated());
+    assert!(!t.conn.structured_replies_negotiated());
 }
 
 #[test]
 fn rule_1_2_oldstyle_handshake_flags_rejected() {
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&oldstyle(SIZE, 0x0001_0000 | u32::from(FLAGS)));
     assert!(matches!(
         t.protocol_error(),
@@ -353,21 +171,15 @@ fn rule_1_2_oldstyle_handshake_flags_rejected() {
 
 // ===== §1.6 NO_ZEROES =====
 
-fn export_name_reply(size: u64, flags: u16) -> Vec<u8> {
-    let mut v = size.to_be_bytes().to_vec();
-    v.extend_from_slice(&flags.to_be_bytes());
-    v
-}
-
 #[test]
 fn rule_1_6_export_name_reply_without_zeroes_when_both_agree() {
     // Non-fixed newstyle with NO_ZEROES: the reply is exactly 10 bytes.
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&greeting(hf::NO_ZEROES));
     assert_eq!(t.client_flags(), cf::NO_ZEROES);
     assert_eq!(t.option_codes(), [opt::EXPORT_NAME]);
     t.feed(&export_name_reply(SIZE, FLAGS));
-    assert_eq!(t.c.phase(), Phase::Ready);
+    assert_eq!(t.conn.phase(), Phase::Ready);
     assert_eq!(t.go_info().size, SIZE);
 }
 
@@ -377,22 +189,25 @@ fn rule_1_6_export_name_reply_with_zeroes_otherwise() {
     // 124 zero bytes follow, and the client waits for all of them.
     let configs = [
         (0u16, Config::default()),
-        (hf::NO_ZEROES, {
-            let mut cfg = Config::default();
-            cfg.handshake_flags = cf::FIXED_NEWSTYLE;
-            cfg
-        }),
+        (
+            hf::NO_ZEROES,
+            config(|cfg| cfg.handshake_flags = cf::FIXED_NEWSTYLE),
+        ),
     ];
     for (server, cfg) in configs {
-        let mut t = Client::new(cfg);
+        let mut t = Pair::new(cfg);
         t.feed(&greeting(server));
         assert_eq!(t.client_flags() & cf::NO_ZEROES, 0);
         let mut r = export_name_reply(SIZE, FLAGS);
         r.extend_from_slice(&[0; 124]);
         t.feed(&r[..133]);
-        assert_eq!(t.c.phase(), Phase::Connecting, "server flags {server:#x}");
+        assert_eq!(
+            t.conn.phase(),
+            Phase::Connecting,
+            "server flags {server:#x}"
+        );
         t.feed(&r[133..]);
-        assert_eq!(t.c.phase(), Phase::Ready, "server flags {server:#x}");
+        assert_eq!(t.conn.phase(), Phase::Ready, "server flags {server:#x}");
     }
 }
 
@@ -400,56 +215,52 @@ fn rule_1_6_export_name_reply_with_zeroes_otherwise() {
 fn rule_1_6_go_reply_never_padded() {
     // GO after a greeting without NO_ZEROES: no padding; a following byte
     // would be unexpected data, not padding.
-    let mut t = Client::new({
-        let mut cfg = Config::default();
-        cfg.request_structured_replies = false;
-        cfg
-    });
+    let mut t = Pair::with(|cfg| cfg.request_structured_replies = false);
     t.feed(&greeting(hf::FIXED_NEWSTYLE));
-    t.feed(&go_ok(opt::GO));
-    assert_eq!(t.c.phase(), Phase::Ready);
+    t.feed(&go_ok(opt::GO, SIZE, FLAGS));
+    assert_eq!(t.conn.phase(), Phase::Ready);
 }
 
 // ===== §1.4 non-fixed newstyle =====
 
 #[test]
 fn rule_11_non_fixed_newstyle_sends_only_export_name() {
-    let mut t = Client::new(Config::with_base_allocation());
+    let mut t = Pair::new(Config::with_base_allocation());
     t.feed(&greeting(hf::NO_ZEROES));
-    assert_eq!(t.c.protocol(), Some(Protocol::Newstyle));
+    assert_eq!(t.conn.protocol(), Some(Protocol::Newstyle));
     assert_eq!(t.options(), [(opt::EXPORT_NAME, Vec::new())]);
     t.feed(&export_name_reply(SIZE, FLAGS));
-    assert_eq!(t.c.phase(), Phase::Ready);
-    assert!(!t.c.structured_replies_negotiated());
+    assert_eq!(t.conn.phase(), Phase::Ready);
+    assert!(!t.conn.structured_replies_negotiated());
 }
 
 #[test]
 fn rule_11_non_fixed_newstyle_option_mode_refuses_other_options() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&greeting(hf::NO_ZEROES));
-    assert_eq!(t.c.phase(), Phase::Negotiating);
-    assert!(matches!(t.c.opt_list(), Err(UsageError::Unsupported(_))));
-    assert!(matches!(t.c.opt_info(), Err(UsageError::Unsupported(_))));
+    assert_eq!(t.conn.phase(), Phase::Negotiating);
+    assert!(matches!(t.conn.opt_list(), Err(UsageError::Unsupported(_))));
+    assert!(matches!(t.conn.opt_info(), Err(UsageError::Unsupported(_))));
     assert!(matches!(
-        t.c.opt_structured_reply(),
+        t.conn.opt_structured_reply(),
         Err(UsageError::Unsupported(_))
     ));
     assert!(matches!(
-        t.c.opt_list_meta_context(&["base:"]),
+        t.conn.opt_list_meta_context(&["base:"]),
         Err(UsageError::Unsupported(_))
     ));
     assert!(matches!(
-        t.c.opt_starttls(),
+        t.conn.opt_starttls(),
         Err(UsageError::Unsupported(_))
     ));
     t.drain();
-    assert_eq!(t.sent.len(), 4, "nothing but the client flags was sent");
-    t.c.set_export_name("exp").unwrap();
-    t.c.opt_go().unwrap();
+    assert_eq!(t.sent().len(), 4, "nothing but the client flags was sent");
+    t.conn.set_export_name("exp").unwrap();
+    t.conn.opt_go().unwrap();
     t.drain();
     assert_eq!(t.options(), [(opt::EXPORT_NAME, b"exp".to_vec())]);
     t.feed(&export_name_reply(SIZE, FLAGS));
-    assert_eq!(t.c.phase(), Phase::Ready);
+    assert_eq!(t.conn.phase(), Phase::Ready);
     assert_eq!(t.go_info().name, "exp");
 }
 
@@ -457,21 +268,21 @@ fn rule_11_non_fixed_newstyle_option_mode_refuses_other_options() {
 
 #[test]
 fn rule_2_3_6_go_acked_without_info_export_is_fatal() {
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
     t.feed(&ack(opt::GO));
     assert!(matches!(
         t.protocol_error(),
         ProtocolError::MissingExportInfo(OptionKind::Go)
     ));
-    assert_eq!(t.c.phase(), Phase::Dead);
+    assert_eq!(t.conn.phase(), Phase::Dead);
 }
 
 #[test]
 fn rule_2_3_6_info_acked_without_info_export_is_fatal() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_info().unwrap();
+    t.conn.opt_info().unwrap();
     t.feed(&ack(opt::INFO));
     assert!(matches!(
         t.protocol_error(),
@@ -482,11 +293,11 @@ fn rule_2_3_6_info_acked_without_info_export_is_fatal() {
 #[test]
 fn rule_2_8_huge_option_reply_length_is_fatal_without_allocating() {
     for typ in [rep::SERVER, rep::ERR_POLICY, rep::ACK, 0x8000_1234] {
-        let mut t = Client::opt_mode();
+        let mut t = Pair::opt_mode();
         t.feed(&prelude());
-        t.c.opt_list().unwrap();
+        t.conn.opt_list().unwrap();
         t.drain();
-        let header = reply_header(opt::LIST, typ, 0xFFFF_FFF0);
+        let header = opt_reply_header(opt::LIST, typ, 0xFFFF_FFF0);
         let big = largest_allocation(|| {
             t.feed(&header);
         });
@@ -505,12 +316,12 @@ fn rule_2_8_huge_option_reply_length_is_fatal_without_allocating() {
 
 #[test]
 fn rule_2_8_inner_name_length_larger_than_reply_is_fatal() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_list().unwrap();
+    t.conn.opt_list().unwrap();
     let mut p = 100u32.to_be_bytes().to_vec();
     p.extend_from_slice(b"short");
-    t.feed(&reply(opt::LIST, rep::SERVER, &p));
+    t.feed(&opt_reply(opt::LIST, rep::SERVER, &p));
     assert!(matches!(
         t.protocol_error(),
         ProtocolError::Wire(WireError::InnerLengthOverflow { inner: 100, .. })
@@ -519,12 +330,12 @@ fn rule_2_8_inner_name_length_larger_than_reply_is_fatal() {
 
 #[test]
 fn rule_2_3_3_list_reports_exports_then_success() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_list().unwrap();
+    t.conn.opt_list().unwrap();
     t.feed(&cat(&[
-        &server_reply("a", "first"),
-        &server_reply("b", ""),
+        &server_entry("a", "first"),
+        &server_entry("b", ""),
         &ack(opt::LIST),
     ]));
     let listed: Vec<_> = t
@@ -542,21 +353,21 @@ fn rule_2_3_3_list_reports_exports_then_success() {
         t.events.last(),
         Some(Event::OptionSucceeded(OptionKind::List))
     ));
-    assert_eq!(t.c.phase(), Phase::Negotiating);
+    assert_eq!(t.conn.phase(), Phase::Negotiating);
 }
 
 #[test]
 fn rule_29_unknown_info_types_are_ignored() {
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
     t.feed(&cat(&[
-        &reply(opt::GO, rep::INFO, &[0x12, 0x34]),
-        &reply(opt::GO, rep::INFO, &[0x7f, 0xff, 1, 2, 3, 4, 5]),
+        &opt_reply(opt::GO, rep::INFO, &[0x12, 0x34]),
+        &opt_reply(opt::GO, rep::INFO, &[0x7f, 0xff, 1, 2, 3, 4, 5]),
         &info_export(opt::GO, SIZE, FLAGS),
-        &reply(opt::GO, rep::INFO, &[0, 99]),
+        &opt_reply(opt::GO, rep::INFO, &[0, 99]),
         &ack(opt::GO),
     ]));
-    assert_eq!(t.c.phase(), Phase::Ready, "{:?}", t.events);
+    assert_eq!(t.conn.phase(), Phase::Ready, "{:?}", t.events);
     assert_eq!(t.go_info().size, SIZE);
 }
 
@@ -564,31 +375,31 @@ fn rule_29_unknown_info_types_are_ignored() {
 fn rule_29_huge_unknown_info_is_skipped_without_buffering() {
     // 1 MiB of an unknown info type: more than any buffer the client keeps.
     let len: u32 = 1 << 20;
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
-    let mut stream = reply_header(opt::GO, rep::INFO, len);
+    let mut stream = opt_reply_header(opt::GO, rep::INFO, len);
     stream.extend_from_slice(&0x4242u16.to_be_bytes());
     stream.extend(std::iter::repeat_n(0xab, len as usize - 2));
-    stream.extend(go_ok(opt::GO));
+    stream.extend(go_ok(opt::GO, SIZE, FLAGS));
     let big = largest_allocation(|| {
         for piece in stream.chunks(4096) {
             t.feed(piece);
         }
     });
-    assert_eq!(t.c.phase(), Phase::Ready, "{:?}", t.events);
+    assert_eq!(t.conn.phase(), Phase::Ready, "{:?}", t.events);
     assert!(big < 64 * 1024, "allocated {big} bytes");
     // All at once too.
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
     t.feed(&stream);
-    assert_eq!(t.c.phase(), Phase::Ready, "{:?}", t.events);
+    assert_eq!(t.conn.phase(), Phase::Ready, "{:?}", t.events);
 }
 
 #[test]
 fn rule_2_8_huge_known_info_is_fatal() {
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
-    let mut h = reply_header(opt::GO, rep::INFO, 1 << 20);
+    let mut h = opt_reply_header(opt::GO, rep::INFO, 1 << 20);
     h.extend_from_slice(&info::EXPORT.to_be_bytes());
     t.feed(&h);
     assert!(matches!(
@@ -599,10 +410,10 @@ fn rule_2_8_huge_known_info_is_fatal() {
 
 #[test]
 fn rule_2_8_unknown_error_reply_type_is_reported_and_negotiation_continues() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_list().unwrap();
-    t.feed(&reply(opt::LIST, 0x8000_0063, b"strange"));
+    t.conn.opt_list().unwrap();
+    t.feed(&opt_reply(opt::LIST, 0x8000_0063, b"strange"));
     match t.events.last() {
         Some(Event::OptionError { option, error }) => {
             assert_eq!(*option, OptionKind::List);
@@ -611,16 +422,16 @@ fn rule_2_8_unknown_error_reply_type_is_reported_and_negotiation_continues() {
         }
         other => panic!("expected OptionError, got {other:?}"),
     }
-    assert_eq!(t.c.phase(), Phase::Negotiating);
+    assert_eq!(t.conn.phase(), Phase::Negotiating);
     assert!(t.closed().is_none());
 }
 
 #[test]
 fn rule_98_unknown_non_error_reply_type_is_fatal() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_list().unwrap();
-    t.feed(&reply(opt::LIST, 0x63, &[]));
+    t.conn.opt_list().unwrap();
+    t.feed(&opt_reply(opt::LIST, 0x63, &[]));
     assert!(matches!(
         t.protocol_error(),
         ProtocolError::UnexpectedOptionReply {
@@ -629,9 +440,9 @@ fn rule_98_unknown_non_error_reply_type_is_fatal() {
         }
     ));
     // A known type that does not belong to the option is just as fatal.
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_list().unwrap();
+    t.conn.opt_list().unwrap();
     t.feed(&meta_context(opt::LIST, 1, "base:allocation"));
     assert!(matches!(
         t.protocol_error(),
@@ -641,10 +452,10 @@ fn rule_98_unknown_non_error_reply_type_is_fatal() {
 
 #[test]
 fn rule_2_8_wrong_option_echoed_is_fatal() {
-    let mut t = Client::new(Config::default());
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
+    let mut t = Pair::new(Config::default());
+    t.feed(&fixed_newstyle());
     // The client sent EXTENDED_HEADERS; the server answers about LIST.
-    t.feed(&reply(opt::LIST, rep::ERR_UNSUP, &[]));
+    t.feed(&opt_reply(opt::LIST, rep::ERR_UNSUP, &[]));
     assert!(matches!(
         t.protocol_error(),
         ProtocolError::WrongOptionEcho {
@@ -656,9 +467,9 @@ fn rule_2_8_wrong_option_echoed_is_fatal() {
 
 #[test]
 fn rule_2_8_ack_with_data_is_fatal() {
-    let mut t = Client::new(Config::default());
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
-    t.feed(&reply(opt::EXTENDED_HEADERS, rep::ACK, &[0; 4]));
+    let mut t = Pair::new(Config::default());
+    t.feed(&fixed_newstyle());
+    t.feed(&opt_reply(opt::EXTENDED_HEADERS, rep::ACK, &[0; 4]));
     assert!(matches!(
         t.protocol_error(),
         ProtocolError::AckWithData(OptionKind::ExtendedHeaders, 4)
@@ -667,8 +478,8 @@ fn rule_2_8_ack_with_data_is_fatal() {
 
 #[test]
 fn rule_2_8_bad_option_reply_magic_is_fatal() {
-    let mut t = Client::new(Config::default());
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
+    let mut t = Pair::new(Config::default());
+    t.feed(&fixed_newstyle());
     let mut r = ack(opt::EXTENDED_HEADERS);
     r[0] ^= 0xff;
     t.feed(&r);
@@ -680,9 +491,9 @@ fn rule_2_8_bad_option_reply_magic_is_fatal() {
 
 #[test]
 fn unsolicited_bytes_while_idle_are_fatal() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    assert_eq!(t.c.phase(), Phase::Negotiating);
+    assert_eq!(t.conn.phase(), Phase::Negotiating);
     t.feed(&ack(opt::LIST));
     assert!(matches!(
         t.protocol_error(),
@@ -695,9 +506,9 @@ fn unsolicited_bytes_while_idle_are_fatal() {
 #[test]
 fn rule_19_err_shutdown_sends_abort() {
     // Automatic mode: the connection ends, with NBD_OPT_ABORT sent first.
-    let mut t = Client::new(Config::default());
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
-    t.feed(&reply(
+    let mut t = Pair::new(Config::default());
+    t.feed(&fixed_newstyle());
+    t.feed(&opt_reply(
         opt::EXTENDED_HEADERS,
         rep::ERR_SHUTDOWN,
         b"going down",
@@ -714,10 +525,10 @@ fn rule_19_err_shutdown_sends_abort() {
         other => panic!("{other:?}"),
     }
     // Option mode: the caller sees the error, then the same soft disconnect.
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_list().unwrap();
-    t.feed(&reply(opt::LIST, rep::ERR_SHUTDOWN, &[]));
+    t.conn.opt_list().unwrap();
+    t.feed(&opt_reply(opt::LIST, rep::ERR_SHUTDOWN, &[]));
     assert_eq!(t.option_codes().last(), Some(&opt::ABORT));
     assert!(t.events.iter().any(|e| matches!(
         e,
@@ -727,15 +538,15 @@ fn rule_19_err_shutdown_sends_abort() {
         }
     )));
     assert!(t.closed().is_some());
-    assert!(t.c.is_finished());
+    assert!(t.conn.is_finished());
 }
 
 #[test]
 fn rule_21_no_export_name_fallback_after_extended_headers() {
-    let mut t = Client::new(Config::default());
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
+    let mut t = Pair::new(Config::default());
+    t.feed(&fixed_newstyle());
     t.feed(&ack(opt::EXTENDED_HEADERS));
-    t.feed(&reply(opt::GO, rep::ERR_UNSUP, &[]));
+    t.feed(&opt_reply(opt::GO, rep::ERR_UNSUP, &[]));
     assert!(!t.option_codes().contains(&opt::EXPORT_NAME));
     assert!(matches!(
         t.closed(),
@@ -748,9 +559,9 @@ fn rule_21_no_export_name_fallback_after_extended_headers() {
 
 #[test]
 fn rule_31_go_unsup_falls_back_to_export_name() {
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
-    t.feed(&reply(opt::GO, rep::ERR_UNSUP, &[]));
+    t.feed(&opt_reply(opt::GO, rep::ERR_UNSUP, &[]));
     assert_eq!(
         t.option_codes(),
         [
@@ -761,66 +572,55 @@ fn rule_31_go_unsup_falls_back_to_export_name() {
         ]
     );
     t.feed(&export_name_reply(SIZE, FLAGS));
-    assert_eq!(t.c.phase(), Phase::Ready);
+    assert_eq!(t.conn.phase(), Phase::Ready);
     assert_eq!(t.go_info().size, SIZE);
 }
 
 #[test]
 fn rule_31_go_unsup_falls_back_in_option_mode_too() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_go().unwrap();
-    t.feed(&reply(opt::GO, rep::ERR_UNSUP, &[]));
+    t.conn.opt_go().unwrap();
+    t.feed(&opt_reply(opt::GO, rep::ERR_UNSUP, &[]));
     assert_eq!(t.option_codes().last(), Some(&opt::EXPORT_NAME));
     t.feed(&export_name_reply(SIZE, FLAGS));
-    assert_eq!(t.c.phase(), Phase::Ready);
+    assert_eq!(t.conn.phase(), Phase::Ready);
 }
 
 #[test]
 fn rule_33_go_asks_for_block_size_and_rule_27_layout() {
-    let mut t = Client::new({
-        let mut cfg = Config::default();
-        cfg.export_name = "exp".into();
-        cfg
-    });
+    let mut t = Pair::with(|cfg| cfg.export_name = "exp".into());
     t.feed(&prelude());
     let (o, d) = t.options().pop().unwrap();
     assert_eq!(o, opt::GO);
-    assert_eq!(
-        parse_info_request(&d),
-        ("exp".into(), vec![info::BLOCK_SIZE])
-    );
+    assert_eq!(info_request(&d), ("exp".into(), vec![info::BLOCK_SIZE]));
 }
 
 #[test]
 fn rule_33_block_size_reqd_retries_with_block_size() {
-    let mut t = Client::new({
-        let mut cfg = Config::default();
-        cfg.request_block_size = false;
-        cfg
-    });
+    let mut t = Pair::with(|cfg| cfg.request_block_size = false);
     t.feed(&prelude());
     let (_, d) = t.options().pop().unwrap();
-    assert_eq!(parse_info_request(&d).1, Vec::<u16>::new());
-    t.feed(&reply(opt::GO, rep::ERR_BLOCK_SIZE_REQD, b"need sizes"));
+    assert_eq!(info_request(&d).1, Vec::<u16>::new());
+    t.feed(&opt_reply(opt::GO, rep::ERR_BLOCK_SIZE_REQD, b"need sizes"));
     let opts = t.options();
     assert_eq!(opts.len(), 4);
     let (o, d) = &opts[3];
     assert_eq!(*o, opt::GO);
-    assert_eq!(parse_info_request(d).1, vec![info::BLOCK_SIZE]);
+    assert_eq!(info_request(d).1, vec![info::BLOCK_SIZE]);
     t.feed(&cat(&[
         &info_block_size(opt::GO, 512, 4096, 1 << 20),
-        &go_ok(opt::GO),
+        &go_ok(opt::GO, SIZE, FLAGS),
     ]));
-    assert_eq!(t.c.phase(), Phase::Ready);
+    assert_eq!(t.conn.phase(), Phase::Ready);
     assert_eq!(t.go_info().block_size.unwrap().minimum, 512);
 }
 
 #[test]
 fn rule_33_block_size_reqd_after_asking_is_not_retried() {
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
-    t.feed(&reply(opt::GO, rep::ERR_BLOCK_SIZE_REQD, &[]));
+    t.feed(&opt_reply(opt::GO, rep::ERR_BLOCK_SIZE_REQD, &[]));
     assert_eq!(
         t.option_codes().iter().filter(|&&o| o == opt::GO).count(),
         1
@@ -836,18 +636,18 @@ fn rule_33_block_size_reqd_after_asking_is_not_retried() {
 
 #[test]
 fn rule_36_structured_reply_unsup_carries_on() {
-    let mut t = Client::new(Config::with_base_allocation());
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
-    t.feed(&reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]));
-    t.feed(&reply(opt::STRUCTURED_REPLY, rep::ERR_UNSUP, &[]));
+    let mut t = Pair::new(Config::with_base_allocation());
+    t.feed(&fixed_newstyle());
+    t.feed(&opt_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]));
+    t.feed(&opt_reply(opt::STRUCTURED_REPLY, rep::ERR_UNSUP, &[]));
     // Rule 43: no SET_META_CONTEXT without structured replies.
     assert_eq!(
         t.option_codes(),
         [opt::EXTENDED_HEADERS, opt::STRUCTURED_REPLY, opt::GO]
     );
-    t.feed(&go_ok(opt::GO));
-    assert_eq!(t.c.phase(), Phase::Ready);
-    assert!(!t.c.structured_replies_negotiated());
+    t.feed(&go_ok(opt::GO, SIZE, FLAGS));
+    assert_eq!(t.conn.phase(), Phase::Ready);
+    assert!(!t.conn.structured_replies_negotiated());
 }
 
 #[test]
@@ -855,8 +655,8 @@ fn ext_header_reqd_after_extended_headers_is_fine() {
     // Extended headers acknowledged: STRUCTURED_REPLY is never sent (qemu
     // would answer it with ERR_EXT_HEADER_REQD), and structured replies count
     // as negotiated.
-    let mut t = Client::new(Config::with_base_allocation());
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
+    let mut t = Pair::new(Config::with_base_allocation());
+    t.feed(&fixed_newstyle());
     t.feed(&ack(opt::EXTENDED_HEADERS));
     assert_eq!(
         t.option_codes(),
@@ -865,22 +665,22 @@ fn ext_header_reqd_after_extended_headers_is_fine() {
     t.feed(&cat(&[
         &meta_context(opt::SET_META_CONTEXT, 5, "base:allocation"),
         &ack(opt::SET_META_CONTEXT),
-        &go_ok(opt::GO),
+        &go_ok(opt::GO, SIZE, FLAGS),
     ]));
-    assert_eq!(t.c.phase(), Phase::Ready);
-    assert!(t.c.extended_headers_negotiated());
-    assert!(t.c.structured_replies_negotiated());
-    assert_eq!(t.c.meta_context_id("base:allocation"), Some(5));
+    assert_eq!(t.conn.phase(), Phase::Ready);
+    assert!(t.conn.extended_headers_negotiated());
+    assert!(t.conn.structured_replies_negotiated());
+    assert_eq!(t.conn.meta_context_id("base:allocation"), Some(5));
 
     // Option mode: asking for structured replies after extended headers
     // succeeds at once, without a round trip.
-    let mut t = Client::opt_mode();
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
+    let mut t = Pair::opt_mode();
+    t.feed(&fixed_newstyle());
     t.feed(&ack(opt::EXTENDED_HEADERS));
-    let before = t.sent.len();
-    t.c.opt_structured_reply().unwrap();
+    let before = t.sent().len();
+    t.conn.opt_structured_reply().unwrap();
     t.drain();
-    assert_eq!(t.sent.len(), before);
+    assert_eq!(t.sent().len(), before);
     assert!(matches!(
         t.events.last(),
         Some(Event::OptionSucceeded(OptionKind::StructuredReply))
@@ -888,23 +688,27 @@ fn ext_header_reqd_after_extended_headers_is_fine() {
 
     // And if a server does answer STRUCTURED_REPLY with ERR_EXT_HEADER_REQD
     // (extended headers refused first), the client just carries on.
-    let mut t = Client::new(Config::default());
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
-    t.feed(&reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]));
-    t.feed(&reply(opt::STRUCTURED_REPLY, rep::ERR_EXT_HEADER_REQD, &[]));
-    t.feed(&go_ok(opt::GO));
-    assert_eq!(t.c.phase(), Phase::Ready);
-    assert!(!t.c.structured_replies_negotiated());
+    let mut t = Pair::new(Config::default());
+    t.feed(&fixed_newstyle());
+    t.feed(&opt_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]));
+    t.feed(&opt_reply(
+        opt::STRUCTURED_REPLY,
+        rep::ERR_EXT_HEADER_REQD,
+        &[],
+    ));
+    t.feed(&go_ok(opt::GO, SIZE, FLAGS));
+    assert_eq!(t.conn.phase(), Phase::Ready);
+    assert!(!t.conn.structured_replies_negotiated());
 }
 
 #[test]
 fn rule_41_list_meta_context_error_discards_contexts() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_list_meta_context(&["base:"]).unwrap();
+    t.conn.opt_list_meta_context(&["base:"]).unwrap();
     t.feed(&cat(&[
         &meta_context(opt::LIST_META_CONTEXT, 0, "base:allocation"),
-        &reply(opt::LIST_META_CONTEXT, rep::ERR_TOO_BIG, b"too many"),
+        &opt_reply(opt::LIST_META_CONTEXT, rep::ERR_TOO_BIG, b"too many"),
     ]));
     assert!(
         !t.events
@@ -920,14 +724,14 @@ fn rule_41_list_meta_context_error_discards_contexts() {
             ..
         })
     ));
-    assert_eq!(t.c.phase(), Phase::Negotiating);
+    assert_eq!(t.conn.phase(), Phase::Negotiating);
 }
 
 #[test]
 fn rule_42_list_meta_context_ids_are_ignored() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_list_meta_context::<&str>(&[]).unwrap();
+    t.conn.opt_list_meta_context::<&str>(&[]).unwrap();
     t.feed(&cat(&[
         &meta_context(opt::LIST_META_CONTEXT, 1234, "base:allocation"),
         &ack(opt::LIST_META_CONTEXT),
@@ -940,49 +744,51 @@ fn rule_42_list_meta_context_ids_are_ignored() {
             ..
         }
     )));
-    assert!(t.c.meta_contexts().is_empty(), "LIST selects nothing");
+    assert!(t.conn.meta_contexts().is_empty(), "LIST selects nothing");
 }
 
 #[test]
 fn rule_44_failed_set_meta_context_clears_contexts() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_set_meta_context(&["base:allocation"]).unwrap();
+    t.conn.opt_set_meta_context(&["base:allocation"]).unwrap();
     t.feed(&cat(&[
         &meta_context(opt::SET_META_CONTEXT, 3, "base:allocation"),
         &ack(opt::SET_META_CONTEXT),
     ]));
-    assert_eq!(t.c.meta_context_id("base:allocation"), Some(3));
-    t.c.opt_set_meta_context(&["qemu:dirty-bitmap:x"]).unwrap();
-    t.feed(&reply(opt::SET_META_CONTEXT, rep::ERR_INVALID, &[]));
-    assert!(t.c.meta_contexts().is_empty());
-    assert_eq!(t.c.phase(), Phase::Negotiating);
+    assert_eq!(t.conn.meta_context_id("base:allocation"), Some(3));
+    t.conn
+        .opt_set_meta_context(&["qemu:dirty-bitmap:x"])
+        .unwrap();
+    t.feed(&opt_reply(opt::SET_META_CONTEXT, rep::ERR_INVALID, &[]));
+    assert!(t.conn.meta_contexts().is_empty());
+    assert_eq!(t.conn.phase(), Phase::Negotiating);
 }
 
 #[test]
 fn rule_86_contexts_only_count_for_the_export_selected() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.set_export_name("a").unwrap();
-    t.c.opt_set_meta_context(&["base:allocation"]).unwrap();
+    t.conn.set_export_name("a").unwrap();
+    t.conn.opt_set_meta_context(&["base:allocation"]).unwrap();
     t.feed(&cat(&[
         &meta_context(opt::SET_META_CONTEXT, 3, "base:allocation"),
         &ack(opt::SET_META_CONTEXT),
     ]));
-    t.c.set_export_name("b").unwrap();
-    t.c.opt_go().unwrap();
-    t.feed(&go_ok(opt::GO));
-    assert_eq!(t.c.phase(), Phase::Ready);
-    assert!(t.c.meta_contexts().is_empty());
+    t.conn.set_export_name("b").unwrap();
+    t.conn.opt_go().unwrap();
+    t.feed(&go_ok(opt::GO, SIZE, FLAGS));
+    assert_eq!(t.conn.phase(), Phase::Ready);
+    assert!(t.conn.meta_contexts().is_empty());
 }
 
 #[test]
 fn rule_2_8_server_hangup_after_failed_go_in_option_mode_is_server_killed_connection() {
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.set_export_name("nope").unwrap();
-    t.c.opt_go().unwrap();
-    t.feed(&reply(opt::GO, rep::ERR_UNKNOWN, b"no such export"));
+    t.conn.set_export_name("nope").unwrap();
+    t.conn.opt_go().unwrap();
+    t.feed(&opt_reply(opt::GO, rep::ERR_UNKNOWN, b"no such export"));
     assert!(matches!(
         t.events.last(),
         Some(Event::OptionError {
@@ -990,28 +796,28 @@ fn rule_2_8_server_hangup_after_failed_go_in_option_mode_is_server_killed_connec
             ..
         })
     ));
-    assert_eq!(t.c.phase(), Phase::Negotiating);
+    assert_eq!(t.conn.phase(), Phase::Negotiating);
     t.eof();
     assert!(matches!(
         t.closed(),
         Some(CloseReason::ServerKilledConnection { .. })
     ));
-    assert_eq!(t.c.phase(), Phase::Dead);
+    assert_eq!(t.conn.phase(), Phase::Dead);
 }
 
 #[test]
 fn rule_23_abort_acknowledged_or_hung_up_is_clean() {
     for hang_up in [false, true] {
-        let mut t = Client::opt_mode();
+        let mut t = Pair::opt_mode();
         t.feed(&prelude());
-        t.c.opt_abort().unwrap();
+        t.conn.opt_abort().unwrap();
         if hang_up {
             t.eof(); // rule 23
         } else {
             t.feed(&ack(opt::ABORT));
         }
         assert_eq!(t.closed(), Some(&CloseReason::Aborted));
-        assert_eq!(t.c.phase(), Phase::Closed);
+        assert_eq!(t.conn.phase(), Phase::Closed);
     }
 }
 
@@ -1028,21 +834,21 @@ fn rule_2_8_bogus_block_sizes_are_ignored() {
         (1 << 17, 1 << 17, 1 << 20), // minimum over 64 KiB
         (0, 0, 0),
     ] {
-        let mut t = Client::new(Config::default());
+        let mut t = Pair::new(Config::default());
         t.feed(&prelude());
         t.feed(&cat(&[
             &info_block_size(opt::GO, min, pref, max),
-            &go_ok(opt::GO),
+            &go_ok(opt::GO, SIZE, FLAGS),
         ]));
-        assert_eq!(t.c.phase(), Phase::Ready, "{min}/{pref}/{max}");
+        assert_eq!(t.conn.phase(), Phase::Ready, "{min}/{pref}/{max}");
         assert_eq!(t.go_info().block_size, None, "{min}/{pref}/{max}");
     }
     // A valid one is kept.
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
     t.feed(&cat(&[
         &info_block_size(opt::GO, 1, 4096, u32::MAX),
-        &go_ok(opt::GO),
+        &go_ok(opt::GO, SIZE, FLAGS),
     ]));
     assert!(t.go_info().block_size.is_some());
 }
@@ -1051,7 +857,7 @@ fn rule_2_8_bogus_block_sizes_are_ignored() {
 fn export_size_over_i64_max_is_rejected() {
     let too_big = i64::MAX as u64 + 1;
     // GO
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
     t.feed(&cat(&[
         &info_export(opt::GO, too_big, FLAGS),
@@ -1062,9 +868,9 @@ fn export_size_over_i64_max_is_rejected() {
         ProtocolError::ExportTooLarge(s) if *s == too_big
     ));
     // INFO
-    let mut t = Client::opt_mode();
+    let mut t = Pair::opt_mode();
     t.feed(&prelude());
-    t.c.opt_info().unwrap();
+    t.conn.opt_info().unwrap();
     t.feed(&cat(&[
         &info_export(opt::INFO, u64::MAX, FLAGS),
         &ack(opt::INFO),
@@ -1074,7 +880,7 @@ fn export_size_over_i64_max_is_rejected() {
         ProtocolError::ExportTooLarge(_)
     ));
     // EXPORT_NAME
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&greeting(hf::NO_ZEROES));
     t.feed(&export_name_reply(too_big, FLAGS));
     assert!(matches!(
@@ -1082,36 +888,36 @@ fn export_size_over_i64_max_is_rejected() {
         ProtocolError::ExportTooLarge(_)
     ));
     // Oldstyle
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&oldstyle(too_big, u32::from(FLAGS)));
     assert!(matches!(
         t.protocol_error(),
         ProtocolError::ExportTooLarge(_)
     ));
     // The largest legal size is fine.
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&oldstyle(i64::MAX as u64, u32::from(FLAGS)));
-    assert_eq!(t.c.phase(), Phase::Ready);
+    assert_eq!(t.conn.phase(), Phase::Ready);
 }
 
 #[test]
 fn rule_2_8_flags_without_has_flags_are_rejected() {
     let flags = FLAGS & !tf::HAS_FLAGS;
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
     t.feed(&cat(&[&info_export(opt::GO, SIZE, flags), &ack(opt::GO)]));
     assert!(matches!(
         t.protocol_error(),
         ProtocolError::BadTransmissionFlags(f) if *f == flags
     ));
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&greeting(hf::NO_ZEROES));
     t.feed(&export_name_reply(SIZE, 0));
     assert!(matches!(
         t.protocol_error(),
         ProtocolError::BadTransmissionFlags(0)
     ));
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&oldstyle(SIZE, 0));
     assert!(matches!(
         t.protocol_error(),
@@ -1123,12 +929,8 @@ fn rule_2_8_flags_without_has_flags_are_rejected() {
 fn rule_2_8_flags_that_need_unnegotiated_features_are_cleared() {
     // DF without structured replies, FAST_ZERO without WRITE_ZEROES,
     // BLOCK_STATUS_PAYLOAD without extended headers.
-    let mut t = Client::new({
-        let mut cfg = Config::default();
-        cfg.request_structured_replies = false;
-        cfg
-    });
-    t.feed(&greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES));
+    let mut t = Pair::with(|cfg| cfg.request_structured_replies = false);
+    t.feed(&fixed_newstyle());
     let flags = tf::HAS_FLAGS | tf::SEND_DF | tf::SEND_FAST_ZERO | tf::BLOCK_STATUS_PAYLOAD;
     t.feed(&cat(&[&info_export(opt::GO, SIZE, flags), &ack(opt::GO)]));
     assert_eq!(t.go_info().flags, tf::HAS_FLAGS);
@@ -1146,18 +948,18 @@ fn full_negotiations() -> Vec<(&'static str, Config, Vec<u8>)> {
                 &prelude(),
                 &meta_context(opt::SET_META_CONTEXT, 1, "base:allocation"),
                 &ack(opt::SET_META_CONTEXT),
-                &reply(opt::GO, rep::INFO, &[0x55, 0x55, 9]),
+                &opt_reply(opt::GO, rep::INFO, &[0x55, 0x55, 9]),
                 &info_block_size(opt::GO, 512, 4096, 1 << 20),
-                &go_ok(opt::GO),
+                &go_ok(opt::GO, SIZE, FLAGS),
             ]),
         ),
         (
             "extended",
             Config::default(),
             cat(&[
-                &greeting(hf::FIXED_NEWSTYLE | hf::NO_ZEROES),
+                &fixed_newstyle(),
                 &ack(opt::EXTENDED_HEADERS),
-                &go_ok(opt::GO),
+                &go_ok(opt::GO, SIZE, FLAGS),
             ]),
         ),
         (
@@ -1165,9 +967,9 @@ fn full_negotiations() -> Vec<(&'static str, Config, Vec<u8>)> {
             Config::default(),
             cat(&[
                 &greeting(hf::FIXED_NEWSTYLE),
-                &reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, b"msg"),
-                &reply(opt::STRUCTURED_REPLY, rep::ERR_UNSUP, &[]),
-                &reply(opt::GO, rep::ERR_UNSUP, &[]),
+                &opt_reply(opt::EXTENDED_HEADERS, rep::ERR_UNSUP, b"msg"),
+                &opt_reply(opt::STRUCTURED_REPLY, rep::ERR_UNSUP, &[]),
+                &opt_reply(opt::GO, rep::ERR_UNSUP, &[]),
                 &export_name_reply(SIZE, FLAGS),
                 &[0; 124],
             ]),
@@ -1184,11 +986,7 @@ fn full_negotiations() -> Vec<(&'static str, Config, Vec<u8>)> {
         ),
         (
             "option-mode",
-            {
-                let mut cfg = Config::default();
-                cfg.opt_mode = true;
-                cfg
-            },
+            config(|cfg| cfg.opt_mode = true),
             Vec::new(), // built by drive_option_mode
         ),
     ]
@@ -1198,21 +996,21 @@ fn full_negotiations() -> Vec<(&'static str, Config, Vec<u8>)> {
 fn option_mode_stream() -> Vec<Vec<u8>> {
     vec![
         prelude(),
-        cat(&[&server_reply("exp", "an export"), &ack(opt::LIST)]),
+        cat(&[&server_entry("exp", "an export"), &ack(opt::LIST)]),
         cat(&[&info_export(opt::INFO, SIZE, FLAGS), &ack(opt::INFO)]),
-        go_ok(opt::GO),
+        go_ok(opt::GO, SIZE, FLAGS),
     ]
 }
 
-fn drive_option_mode(t: &mut Client, bytes: &[u8]) {
+fn drive_option_mode(t: &mut Pair, bytes: &[u8]) {
     // Feed the stream turn by turn, calling the next opt_* between turns.
     let turns = option_mode_stream();
     let mut rest = bytes;
     for (i, turn) in turns.iter().enumerate() {
         match i {
-            1 => t.c.opt_list().unwrap(),
-            2 => t.c.opt_info().unwrap(),
-            3 => t.c.opt_go().unwrap(),
+            1 => t.conn.opt_list().unwrap(),
+            2 => t.conn.opt_info().unwrap(),
+            3 => t.conn.opt_go().unwrap(),
             _ => {}
         }
         let n = turn.len().min(rest.len());
@@ -1233,19 +1031,19 @@ fn rule_2_8_truncated_stream_at_every_offset_ends_with_server_killed_connection(
             stream
         };
         // The complete stream succeeds.
-        let mut t = Client::new(cfg.clone());
+        let mut t = Pair::new(cfg.clone());
         if cfg.opt_mode {
             drive_option_mode(&mut t, &stream);
         } else {
             t.feed(&stream);
         }
-        assert_eq!(t.c.phase(), Phase::Ready, "{name}: {:?}", t.events);
+        assert_eq!(t.conn.phase(), Phase::Ready, "{name}: {:?}", t.events);
         // Every proper prefix, then EOF, ends with ServerKilledConnection;
         // the full stream then EOF ends with ServerClosed, nothing lost
         // (idle in transmission).
         for cut in 0..=stream.len() {
             for one_by_one in [false, true] {
-                let mut t = Client::new(cfg.clone());
+                let mut t = Pair::new(cfg.clone());
                 let prefix = &stream[..cut];
                 if cfg.opt_mode {
                     drive_option_mode(&mut t, prefix);
@@ -1271,7 +1069,7 @@ fn rule_2_8_truncated_stream_at_every_offset_ends_with_server_killed_connection(
                         t.events
                     );
                 }
-                assert_eq!(t.c.phase(), Phase::Dead);
+                assert_eq!(t.conn.phase(), Phase::Dead);
                 // EOF again, or more input, changes nothing.
                 t.eof();
                 t.feed(b"late");
@@ -1315,11 +1113,11 @@ fn rule_2_8_impossible_reply_length_fails_on_the_header_alone() {
         (opt::GO, rep::ERR_UNKNOWN, |c| c.opt_go()),
     ];
     for (option, typ, start) in cases {
-        let mut t = Client::opt_mode();
+        let mut t = Pair::opt_mode();
         t.feed(&prelude());
-        start(&mut t.c).unwrap();
+        start(&mut t.conn).unwrap();
         t.drain();
-        t.feed(&reply_header(option, typ, 0xFFFF_FFF0));
+        t.feed(&opt_reply_header(option, typ, 0xFFFF_FFF0));
         assert!(
             matches!(
                 t.protocol_error(),
@@ -1331,12 +1129,12 @@ fn rule_2_8_impossible_reply_length_fails_on_the_header_alone() {
             "option {option} type {typ:#x}: {:?}",
             t.events
         );
-        assert_eq!(t.c.phase(), Phase::Dead);
+        assert_eq!(t.conn.phase(), Phase::Dead);
     }
     // Automatic mode: GO answered with such an INFO header.
-    let mut t = Client::new(Config::default());
+    let mut t = Pair::new(Config::default());
     t.feed(&prelude());
-    t.feed(&reply_header(opt::GO, rep::INFO, 0xFFFF_FFF0));
+    t.feed(&opt_reply_header(opt::GO, rep::INFO, 0xFFFF_FFF0));
     assert!(matches!(
         t.protocol_error(),
         ProtocolError::OptionReplyTooLong {

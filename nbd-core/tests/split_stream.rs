@@ -3,26 +3,34 @@
 //! `recv_buf` + `recv_commit`), gives exactly the same events and makes the
 //! client send exactly the same bytes as the stream handed over in one piece.
 //!
-//! Each scenario is a full server conversation built with the
-//! `nbd_core::wire` encoders and hand-written bytes, in two stages:
+//! Each scenario is a full server conversation built with the harness's
+//! scripted server (`common::script`), in two stages:
 //! 1. the handshake and the replies to the automatic option sequence (fed in
 //!    pieces; the client sends each option from inside `handle_input`);
 //! 2. once ready, the test issues a fixed set of commands, and the server's
 //!    replies to them (interleaved, out of order, chunked) are fed in pieces.
 //!
-//! Then the client disconnects and the server closes.
+//! Then the client disconnects and the server closes. Every run goes
+//! through the harness's `Pair`, so every cookie must also complete exactly
+//! once, with exactly one `Closed` at the end.
+
+mod common;
 
 use bytes::{Bytes, BytesMut};
-use nbd_core::consts::{
-    chunk, errno, handshake_flags as hf, info, opt, rep, reply_flags, transmission_flags as tf,
-    IHAVEOPT, NBDMAGIC, OLDSTYLE_MAGIC, OPTION_REPLY_MAGIC,
+use common::script::{
+    error_offset_payload, error_payload, hole, offset_data, pattern, status, status_ext, Input,
+    Server,
 };
-use nbd_core::wire::reply::{encode_chunk_header, encode_simple_reply, HeaderMode};
+use common::Pair;
+use nbd_core::consts::{
+    chunk, errno, handshake_flags as hf, opt, rep, reply_flags, transmission_flags as tf,
+};
+use nbd_core::wire::reply::HeaderMode;
 use nbd_core::{CmdFlags, Config, Connection, Cookie, Phase, UsageError};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-// ----- a tiny server-side encoder -----
+// ----- scenario data -----
 
 const DONE: u16 = reply_flags::DONE;
 const EXPORT_FLAGS: u16 = tf::HAS_FLAGS
@@ -34,152 +42,6 @@ const EXPORT_FLAGS: u16 = tf::HAS_FLAGS
     | tf::CAN_MULTI_CONN
     | tf::SEND_CACHE;
 const SIZE: u64 = 1 << 20;
-
-#[derive(Default)]
-struct Server {
-    out: Vec<u8>,
-}
-
-impl Server {
-    fn newstyle(flags: u16) -> Server {
-        let mut s = Server::default();
-        s.out.extend_from_slice(&NBDMAGIC.to_be_bytes());
-        s.out.extend_from_slice(&IHAVEOPT.to_be_bytes());
-        s.out.extend_from_slice(&flags.to_be_bytes());
-        s
-    }
-
-    fn oldstyle(size: u64, flags: u16) -> Server {
-        let mut s = Server::default();
-        s.out.extend_from_slice(&NBDMAGIC.to_be_bytes());
-        s.out.extend_from_slice(&OLDSTYLE_MAGIC.to_be_bytes());
-        s.out.extend_from_slice(&size.to_be_bytes());
-        s.out.extend_from_slice(&u32::from(flags).to_be_bytes());
-        s.out.extend_from_slice(&[0; 124]);
-        s
-    }
-
-    fn opt_reply(&mut self, option: u32, typ: u32, payload: &[u8]) -> &mut Self {
-        self.out
-            .extend_from_slice(&OPTION_REPLY_MAGIC.to_be_bytes());
-        self.out.extend_from_slice(&option.to_be_bytes());
-        self.out.extend_from_slice(&typ.to_be_bytes());
-        self.out
-            .extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
-        self.out.extend_from_slice(payload);
-        self
-    }
-
-    fn ack(&mut self, option: u32) -> &mut Self {
-        self.opt_reply(option, rep::ACK, &[])
-    }
-
-    fn info_export(&mut self, option: u32, size: u64, flags: u16) -> &mut Self {
-        let mut p = info::EXPORT.to_be_bytes().to_vec();
-        p.extend_from_slice(&size.to_be_bytes());
-        p.extend_from_slice(&flags.to_be_bytes());
-        self.opt_reply(option, rep::INFO, &p)
-    }
-
-    fn info_block_size(&mut self, option: u32, min: u32, pref: u32, max: u32) -> &mut Self {
-        let mut p = info::BLOCK_SIZE.to_be_bytes().to_vec();
-        for v in [min, pref, max] {
-            p.extend_from_slice(&v.to_be_bytes());
-        }
-        self.opt_reply(option, rep::INFO, &p)
-    }
-
-    fn meta_context(&mut self, option: u32, id: u32, name: &str) -> &mut Self {
-        let mut p = id.to_be_bytes().to_vec();
-        p.extend_from_slice(name.as_bytes());
-        self.opt_reply(option, rep::META_CONTEXT, &p)
-    }
-
-    fn raw(&mut self, b: &[u8]) -> &mut Self {
-        self.out.extend_from_slice(b);
-        self
-    }
-
-    fn simple(&mut self, error: u32, cookie: Cookie, data: &[u8]) -> &mut Self {
-        let mut b = BytesMut::new();
-        encode_simple_reply(error, cookie.0, &mut b);
-        self.out.extend_from_slice(&b);
-        self.out.extend_from_slice(data);
-        self
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn chunk(
-        &mut self,
-        mode: HeaderMode,
-        flags: u16,
-        typ: u16,
-        cookie: Cookie,
-        req_offset: u64,
-        payload: &[u8],
-    ) -> &mut Self {
-        let mut b = BytesMut::new();
-        encode_chunk_header(
-            mode,
-            flags,
-            typ,
-            cookie.0,
-            req_offset,
-            payload.len() as u64,
-            &mut b,
-        );
-        self.out.extend_from_slice(&b);
-        self.out.extend_from_slice(payload);
-        self
-    }
-}
-
-fn offset_data(offset: u64, data: &[u8]) -> Vec<u8> {
-    let mut p = offset.to_be_bytes().to_vec();
-    p.extend_from_slice(data);
-    p
-}
-
-fn hole(offset: u64, len: u32) -> Vec<u8> {
-    let mut p = offset.to_be_bytes().to_vec();
-    p.extend_from_slice(&len.to_be_bytes());
-    p
-}
-
-fn error_payload(error: u32, msg: &str, offset: Option<u64>) -> Vec<u8> {
-    let mut p = error.to_be_bytes().to_vec();
-    p.extend_from_slice(&u16::try_from(msg.len()).unwrap().to_be_bytes());
-    p.extend_from_slice(msg.as_bytes());
-    if let Some(o) = offset {
-        p.extend_from_slice(&o.to_be_bytes());
-    }
-    p
-}
-
-fn status32(id: u32, extents: &[(u32, u32)]) -> Vec<u8> {
-    let mut p = id.to_be_bytes().to_vec();
-    for (l, f) in extents {
-        p.extend_from_slice(&l.to_be_bytes());
-        p.extend_from_slice(&f.to_be_bytes());
-    }
-    p
-}
-
-fn status64(id: u32, extents: &[(u64, u64)]) -> Vec<u8> {
-    let mut p = id.to_be_bytes().to_vec();
-    p.extend_from_slice(&u32::try_from(extents.len()).unwrap().to_be_bytes());
-    for (l, f) in extents {
-        p.extend_from_slice(&l.to_be_bytes());
-        p.extend_from_slice(&f.to_be_bytes());
-    }
-    p
-}
-
-fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
 
 // ----- scenarios -----
 
@@ -225,7 +87,7 @@ fn structured() -> Scenario {
                     .map_err(UsageError::from),
                 c.read_with_chunks(4096, BytesMut::zeroed(4096), CmdFlags::empty())
                     .map_err(UsageError::from),
-                c.write(8192, Bytes::from(pattern(512, 3)), CmdFlags::FUA)
+                c.write(8192, Bytes::from(pattern(3, 512)), CmdFlags::FUA)
                     .map_err(UsageError::from),
                 c.flush(CmdFlags::empty()),
                 c.block_status(0, 65536, CmdFlags::empty()),
@@ -246,7 +108,7 @@ fn structured() -> Scenario {
                 chunk::OFFSET_DATA,
                 k[0],
                 0,
-                &offset_data(2048, &pattern(2048, 1)),
+                &offset_data(2048, &pattern(1, 2048)),
             )
             .chunk(m, 0, chunk::OFFSET_HOLE, k[0], 0, &hole(0, 2048))
             // the write, answered simply, in between
@@ -259,7 +121,7 @@ fn structured() -> Scenario {
                 chunk::BLOCK_STATUS,
                 k[4],
                 0,
-                &status32(7, &[(4096, 0), (61440, 3)]),
+                &status(7, &[(4096, 0), (61440, 3)]),
             );
             if bogus {
                 // A reply for a cookie never issued: fatal, the rest fail.
@@ -272,7 +134,7 @@ fn structured() -> Scenario {
                 chunk::OFFSET_DATA,
                 k[1],
                 0,
-                &offset_data(4096, &pattern(1000, 2)),
+                &offset_data(4096, &pattern(2, 1000)),
             )
             .chunk(
                 m,
@@ -280,7 +142,7 @@ fn structured() -> Scenario {
                 chunk::OFFSET_DATA,
                 k[1],
                 0,
-                &offset_data(5096, &pattern(3096, 4)),
+                &offset_data(5096, &pattern(4, 3096)),
             )
             .chunk(m, DONE, chunk::NONE, k[3], 0, &[])
             // read 5: an error with an offset, then a plain error, then done
@@ -290,7 +152,7 @@ fn structured() -> Scenario {
                 chunk::ERROR_OFFSET,
                 k[5],
                 0,
-                &error_payload(errno::EIO, "bad sector", Some(12300)),
+                &error_offset_payload(errno::EIO, "bad sector", 12300),
             )
             .chunk(
                 m,
@@ -298,7 +160,7 @@ fn structured() -> Scenario {
                 chunk::ERROR,
                 k[5],
                 0,
-                &error_payload(errno::EINVAL, "", None),
+                &error_payload(errno::EINVAL, ""),
             )
             .simple(errno::EPERM, k[6], &[])
             .chunk(m, DONE, chunk::NONE, k[7], 0, &[]);
@@ -324,7 +186,7 @@ fn extended() -> Scenario {
             let r = vec![
                 c.read(0, BytesMut::zeroed(3000), CmdFlags::empty())
                     .map_err(UsageError::from),
-                c.write(4096, Bytes::from(pattern(700, 9)), CmdFlags::empty())
+                c.write(4096, Bytes::from(pattern(9, 700)), CmdFlags::empty())
                     .map_err(UsageError::from),
                 c.block_status(4096, 8192, CmdFlags::REQ_ONE),
                 c.read_with_chunks(65536, BytesMut::zeroed(8192), CmdFlags::DF)
@@ -344,7 +206,7 @@ fn extended() -> Scenario {
                     chunk::OFFSET_DATA,
                     k[0],
                     0,
-                    &offset_data(0, &pattern(1000, 5)),
+                    &offset_data(0, &pattern(5, 1000)),
                 )
                 .chunk(
                     m,
@@ -352,7 +214,7 @@ fn extended() -> Scenario {
                     chunk::BLOCK_STATUS_EXT,
                     k[2],
                     4096,
-                    &status64(1, &[(8192, 1)]),
+                    &status_ext(1, &[(8192, 1)]),
                 );
             if bogus {
                 s.raw(&[0x67, 0x44, 0x66, 0x98, 0, 0, 0, 0]); // a simple magic: not allowed
@@ -364,7 +226,7 @@ fn extended() -> Scenario {
                 chunk::OFFSET_DATA,
                 k[3],
                 65536,
-                &offset_data(65536, &pattern(8192, 6)),
+                &offset_data(65536, &pattern(6, 8192)),
             )
             .chunk(
                 m,
@@ -372,7 +234,7 @@ fn extended() -> Scenario {
                 chunk::ERROR,
                 k[4],
                 0,
-                &error_payload(errno::ENOTSUP, "no cache", None),
+                &error_payload(errno::ENOTSUP, "no cache"),
             );
             s.out
         },
@@ -400,7 +262,7 @@ fn simple() -> Scenario {
                     .map_err(UsageError::from),
                 c.read_with_chunks(8192, BytesMut::zeroed(512), CmdFlags::empty())
                     .map_err(UsageError::from),
-                c.write(4096, Bytes::from(pattern(512, 7)), CmdFlags::empty())
+                c.write(4096, Bytes::from(pattern(7, 512)), CmdFlags::empty())
                     .map_err(UsageError::from),
                 c.flush(CmdFlags::empty()),
                 c.trim(0, 4096, CmdFlags::empty()),
@@ -410,12 +272,12 @@ fn simple() -> Scenario {
         replies: |k, bogus| {
             let mut s = Server::default();
             s.simple(0, k[2], &[])
-                .simple(0, k[1], &pattern(512, 8))
+                .simple(0, k[1], &pattern(8, 512))
                 .simple(errno::ENOSPC, k[3], &[]);
             if bogus {
                 s.raw(b"garbage!garbage!");
             }
-            s.simple(0, k[0], &pattern(4096, 9)).simple(0, k[4], &[]);
+            s.simple(0, k[0], &pattern(9, 4096)).simple(0, k[4], &[]);
             s.out
         },
     }
@@ -432,7 +294,7 @@ fn oldstyle() -> Scenario {
             let r = vec![
                 c.read(100, BytesMut::zeroed(1000), CmdFlags::empty())
                     .map_err(UsageError::from),
-                c.write(0, Bytes::from(pattern(100, 1)), CmdFlags::empty())
+                c.write(0, Bytes::from(pattern(1, 100)), CmdFlags::empty())
                     .map_err(UsageError::from),
                 c.flush(CmdFlags::empty()),
             ];
@@ -440,7 +302,7 @@ fn oldstyle() -> Scenario {
         },
         replies: |k, bogus| {
             let mut s = Server::default();
-            s.simple(0, k[0], &pattern(1000, 2));
+            s.simple(0, k[0], &pattern(2, 1000));
             if bogus {
                 s.simple(0, k[0], &[]); // the same cookie again: no longer in flight
             }
@@ -466,7 +328,7 @@ fn large_structured() -> Scenario {
             let r = vec![
                 c.read(0, BytesMut::zeroed(300_000), CmdFlags::empty())
                     .map_err(UsageError::from),
-                c.write(1 << 20, Bytes::from(pattern(200_000, 1)), CmdFlags::empty())
+                c.write(1 << 20, Bytes::from(pattern(1, 200_000)), CmdFlags::empty())
                     .map_err(UsageError::from),
                 c.read_with_chunks(4 << 20, BytesMut::zeroed(131_072), CmdFlags::empty())
                     .map_err(UsageError::from),
@@ -484,7 +346,7 @@ fn large_structured() -> Scenario {
                 chunk::OFFSET_DATA,
                 k[0],
                 0,
-                &offset_data(100_000, &pattern(200_000, 2)),
+                &offset_data(100_000, &pattern(2, 200_000)),
             )
             .chunk(
                 m,
@@ -492,7 +354,7 @@ fn large_structured() -> Scenario {
                 chunk::OFFSET_DATA,
                 k[2],
                 0,
-                &offset_data(4 << 20, &pattern(65_536, 3)),
+                &offset_data(4 << 20, &pattern(3, 65_536)),
             )
             .chunk(m, DONE, chunk::OFFSET_HOLE, k[3], 0, &hole(8 << 20, 4096))
             .simple(0, k[1], &[]);
@@ -504,7 +366,7 @@ fn large_structured() -> Scenario {
                     chunk::OFFSET_DATA,
                     k[0],
                     0,
-                    &offset_data(150_000, &pattern(10, 0)),
+                    &offset_data(150_000, &pattern(0, 10)),
                 );
             }
             s.chunk(
@@ -513,7 +375,7 @@ fn large_structured() -> Scenario {
                 chunk::OFFSET_DATA,
                 k[0],
                 0,
-                &offset_data(0, &pattern(100_000, 4)),
+                &offset_data(0, &pattern(4, 100_000)),
             )
             .chunk(
                 m,
@@ -521,7 +383,7 @@ fn large_structured() -> Scenario {
                 chunk::OFFSET_DATA,
                 k[2],
                 0,
-                &offset_data((4 << 20) + 65_536, &pattern(65_536, 5)),
+                &offset_data((4 << 20) + 65_536, &pattern(5, 65_536)),
             );
             s.out
         },
@@ -547,11 +409,11 @@ fn large_simple() -> Scenario {
         },
         replies: |k, bogus| {
             let mut s = Server::default();
-            s.simple(0, k[1], &pattern(70_000, 6)).simple(0, k[2], &[]);
+            s.simple(0, k[1], &pattern(6, 70_000)).simple(0, k[2], &[]);
             if bogus {
                 s.simple(0, Cookie(k[0].0 + (1 << 32)), &[]); // right slot, wrong generation
             }
-            s.simple(0, k[0], &pattern(262_144, 7));
+            s.simple(0, k[0], &pattern(7, 262_144));
             s.out
         },
     }
@@ -570,14 +432,6 @@ fn scenarios() -> Vec<Scenario> {
 
 // ----- driving -----
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Input {
-    /// `handle_input` with each piece.
-    Copy,
-    /// `recv_buf` + `recv_commit`, at most one piece per read.
-    Recv,
-}
-
 /// What a run produced: every event (Debug) with markers, and every byte sent.
 #[derive(Debug, PartialEq, Eq)]
 struct Outcome {
@@ -585,69 +439,43 @@ struct Outcome {
     sent: Vec<u8>,
 }
 
-fn drain(c: &mut Connection, o: &mut Outcome) {
-    c.poll_transmit(&mut o.sent);
-    while let Some(ev) = c.poll_event() {
-        o.log.push(format!("{ev:?}"));
-    }
-}
-
-/// Turns cut positions into pieces of `data`.
-fn pieces<'a>(data: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
-    let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(data.len())).collect();
-    cuts.push(0);
-    cuts.push(data.len());
-    cuts.sort_unstable();
-    cuts.dedup();
-    cuts.windows(2).map(|w| &data[w[0]..w[1]]).collect()
-}
-
-fn feed(c: &mut Connection, data: &[u8], cuts: &[usize], input: Input, o: &mut Outcome) {
-    for mut piece in pieces(data, cuts) {
-        match input {
-            Input::Copy => c.handle_input(piece),
-            Input::Recv => {
-                while !piece.is_empty() && !c.is_finished() {
-                    let buf = c.recv_buf();
-                    assert!(!buf.is_empty(), "recv_buf offered no room");
-                    let n = buf.len().min(piece.len());
-                    buf[..n].copy_from_slice(&piece[..n]);
-                    c.recv_commit(n);
-                    piece = &piece[n..];
-                }
-            }
-        }
-        drain(c, o);
-    }
+/// Moves the events not yet taken into the log.
+fn log_events(p: &mut Pair, log: &mut Vec<String>) {
+    log.extend(p.take_events().iter().map(|ev| format!("{ev:?}")));
 }
 
 fn run(s: &Scenario, bogus: bool, cuts1: &[usize], cuts2: &[usize], input: Input) -> Outcome {
-    let mut c = Connection::new(s.config.clone());
-    let mut o = Outcome {
-        log: Vec::new(),
-        sent: Vec::new(),
-    };
-    drain(&mut c, &mut o);
-    feed(&mut c, &s.stage1, cuts1, input, &mut o);
+    let mut p = Pair::new(s.config.clone());
+    let mut log = Vec::new();
+    p.drain();
+    p.feed_split(&s.stage1, cuts1, input);
     assert_eq!(
-        c.phase(),
+        p.conn.phase(),
         Phase::Ready,
         "{}: not ready after stage 1",
         s.name
     );
-    let cookies = (s.commands)(&mut c);
-    o.log.push(format!("issued {cookies:?}"));
-    drain(&mut c, &mut o);
+    let cookies = (s.commands)(&mut p.conn);
+    for &c in &cookies {
+        p.register(c);
+    }
+    log_events(&mut p, &mut log);
+    log.push(format!("issued {cookies:?}"));
+    p.drain();
     let stage2 = (s.replies)(&cookies, bogus);
-    feed(&mut c, &stage2, cuts2, input, &mut o);
-    o.log
-        .push(format!("in flight after replies: {}", c.in_flight()));
-    o.log.push(format!("disconnect: {:?}", c.disconnect()));
-    drain(&mut c, &mut o);
-    c.handle_eof();
-    drain(&mut c, &mut o);
-    o.log.push(format!("phase {:?}", c.phase()));
-    o
+    p.feed_split(&stage2, cuts2, input);
+    log_events(&mut p, &mut log);
+    log.push(format!("in flight after replies: {}", p.conn.in_flight()));
+    log.push(format!("disconnect: {:?}", p.conn.disconnect()));
+    p.drain();
+    p.conn.handle_eof();
+    p.drain();
+    log_events(&mut p, &mut log);
+    log.push(format!("phase {:?}", p.conn.phase()));
+    Outcome {
+        log,
+        sent: p.sent().to_vec(),
+    }
 }
 
 /// The number of commands and the stage-2 bytes of a scenario.
@@ -724,7 +552,7 @@ fn reference_read_data_is_placed() {
         .expect("read 0 done");
     // First half a hole (zeroes), second half the pattern.
     let mut want = vec![0u8; 2048];
-    want.extend_from_slice(&pattern(2048, 1));
+    want.extend_from_slice(&pattern(1, 2048));
     let want = format!("{:?}", BytesMut::from(&want[..]));
     assert!(read0.contains(&want), "{read0}");
 }

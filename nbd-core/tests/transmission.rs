@@ -5,647 +5,30 @@
 //! the numbered client rules, `strict_*` for libnbd's strict mode and
 //! `life_*` for the lifecycle scenarios.
 //!
-//! Every test goes through [`Harness`], which records each event as it is
-//! drained and, when dropped, ends the connection and asserts that every
-//! cookie handed out completed exactly once, that no cookie completed that
-//! was never handed out, and that exactly one `Closed` came last.
+//! Every test goes through the harness's [`Pair`] (`common/mod.rs`), which
+//! records each event as it is drained and, when dropped, ends the
+//! connection and asserts that every cookie handed out completed exactly
+//! once, that no cookie completed that was never handed out, and that
+//! exactly one `Closed` came last.
+
+mod common;
 
 use std::collections::{HashMap, HashSet};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use nbd_core::consts::{
-    chunk, cmd, cmd_flags as cf, errno, info, opt, rep, reply_flags::DONE,
-    transmission_flags as tf, EXTENDED_REQUEST_MAGIC, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC,
-    REQUEST_MAGIC,
+use common::script::{
+    cat, error_offset_payload, error_payload, hole, offset_data, pattern, status, status_ext,
 };
-use nbd_core::wire::reply::{encode_chunk_header, encode_simple_reply, HeaderMode};
-use nbd_core::wire::request::{parse_request, RequestHeader};
+use common::{assert_fatal, server_err, Mode, Pair, Sent, Setup, ALL_FLAGS, KIB, MIB};
+use nbd_core::consts::{
+    chunk, cmd, cmd_flags as cf, errno, reply_flags::DONE, transmission_flags as tf, NBDMAGIC,
+};
+use nbd_core::wire::reply::{encode_chunk_header, HeaderMode};
 use nbd_core::wire::WireError;
 use nbd_core::{
     CloseReason, CmdFlags, CommandError, Config, Connection, Cookie, Event, Extent, Limits,
     NbdErrno, Phase, ProtocolError, ReadChunkKind, Strict, UsageError,
 };
-
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * 1024;
-
-/// Every feature a server can advertise (strict mode lets everything through).
-const ALL_FLAGS: u16 = tf::HAS_FLAGS
-    | tf::SEND_FLUSH
-    | tf::SEND_FUA
-    | tf::SEND_TRIM
-    | tf::SEND_WRITE_ZEROES
-    | tf::SEND_DF
-    | tf::SEND_CACHE
-    | tf::SEND_FAST_ZERO
-    | tf::BLOCK_STATUS_PAYLOAD;
-
-// ---------------------------------------------------------------------------
-// Negotiation
-// ---------------------------------------------------------------------------
-
-/// Which reply style the fake server agrees to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// EXTENDED_HEADERS and STRUCTURED_REPLY both refused.
-    Simple,
-    /// EXTENDED_HEADERS refused, STRUCTURED_REPLY acknowledged.
-    Structured,
-    /// EXTENDED_HEADERS acknowledged.
-    Extended,
-}
-
-impl Mode {
-    fn header_mode(self) -> HeaderMode {
-        match self {
-            Mode::Simple => HeaderMode::Simple,
-            Mode::Structured => HeaderMode::Structured,
-            Mode::Extended => HeaderMode::Extended,
-        }
-    }
-}
-
-/// What the fake server says during negotiation, and the client's config.
-struct Setup {
-    mode: Mode,
-    size: u64,
-    flags: u16,
-    block_size: Option<(u32, u32, u32)>,
-    contexts: Vec<(u32, &'static str)>,
-    strict: Strict,
-    limits: Limits,
-}
-
-impl Setup {
-    fn new(mode: Mode) -> Self {
-        Setup {
-            mode,
-            size: 64 * MIB,
-            flags: ALL_FLAGS,
-            block_size: None,
-            contexts: Vec::new(),
-            strict: Strict::ALL,
-            limits: Limits::default(),
-        }
-    }
-    fn size(mut self, size: u64) -> Self {
-        self.size = size;
-        self
-    }
-    fn flags(mut self, flags: u16) -> Self {
-        self.flags = flags;
-        self
-    }
-    fn block_size(mut self, min: u32, pref: u32, max: u32) -> Self {
-        self.block_size = Some((min, pref, max));
-        self
-    }
-    fn contexts(mut self, c: &[(u32, &'static str)]) -> Self {
-        self.contexts = c.to_vec();
-        self
-    }
-    fn base_allocation(self, id: u32) -> Self {
-        self.contexts(&[(id, "base:allocation")])
-    }
-    fn strict(mut self, s: Strict) -> Self {
-        self.strict = s;
-        self
-    }
-    fn limits(mut self, l: Limits) -> Self {
-        self.limits = l;
-        self
-    }
-
-    fn config(&self) -> Config {
-        let mut cfg = Config::default();
-        cfg.meta_contexts = self.contexts.iter().map(|(_, n)| n.to_string()).collect();
-        cfg.strict = self.strict;
-        cfg.limits = self.limits.clone();
-        cfg
-    }
-
-    /// The option reply stream, in the order the automatic sequence sends
-    /// the options, plus the options expected from the client.
-    fn server_bytes(&self) -> (Vec<u8>, Vec<u32>) {
-        let mut b = Vec::new();
-        let mut expected = Vec::new();
-        b.put_u64(NBDMAGIC);
-        b.put_u64(IHAVEOPT);
-        b.put_u16(0x0003); // FIXED_NEWSTYLE | NO_ZEROES
-        expected.push(opt::EXTENDED_HEADERS);
-        if self.mode == Mode::Extended {
-            option_reply(&mut b, opt::EXTENDED_HEADERS, rep::ACK, &[]);
-        } else {
-            option_reply(&mut b, opt::EXTENDED_HEADERS, rep::ERR_UNSUP, &[]);
-            expected.push(opt::STRUCTURED_REPLY);
-            let r = if self.mode == Mode::Structured {
-                rep::ACK
-            } else {
-                rep::ERR_UNSUP
-            };
-            option_reply(&mut b, opt::STRUCTURED_REPLY, r, &[]);
-        }
-        if self.mode != Mode::Simple && !self.contexts.is_empty() {
-            expected.push(opt::SET_META_CONTEXT);
-            for (id, name) in &self.contexts {
-                let mut p = Vec::new();
-                p.put_u32(*id);
-                p.put_slice(name.as_bytes());
-                option_reply(&mut b, opt::SET_META_CONTEXT, rep::META_CONTEXT, &p);
-            }
-            option_reply(&mut b, opt::SET_META_CONTEXT, rep::ACK, &[]);
-        }
-        expected.push(opt::GO);
-        let mut p = Vec::new();
-        p.put_u16(info::EXPORT);
-        p.put_u64(self.size);
-        p.put_u16(self.flags);
-        option_reply(&mut b, opt::GO, rep::INFO, &p);
-        if let Some((min, pref, max)) = self.block_size {
-            let mut p = Vec::new();
-            p.put_u16(info::BLOCK_SIZE);
-            p.put_u32(min);
-            p.put_u32(pref);
-            p.put_u32(max);
-            option_reply(&mut b, opt::GO, rep::INFO, &p);
-        }
-        option_reply(&mut b, opt::GO, rep::ACK, &[]);
-        (b, expected)
-    }
-
-    /// Runs the whole negotiation and returns a harness in the ready phase.
-    fn connect(self) -> Harness {
-        let mut conn = Connection::new(self.config());
-        let (server, expected) = self.server_bytes();
-        conn.handle_input(&server);
-        let mut client = Vec::new();
-        conn.poll_transmit(&mut client);
-        assert_eq!(
-            &client[..4],
-            &3u32.to_be_bytes(),
-            "client flags FIXED_NEWSTYLE|NO_ZEROES"
-        );
-        assert_eq!(options_sent(&client[4..]), expected, "options sent");
-        let mut contexts_seen = 0;
-        let mut go = None;
-        while let Some(ev) = conn.poll_event() {
-            match ev {
-                Event::MetaContext { .. } => contexts_seen += 1,
-                Event::GoSucceeded(i) => go = Some(i),
-                other => panic!("unexpected event during negotiation: {other:?}"),
-            }
-        }
-        let info = go.expect("GoSucceeded");
-        assert_eq!(info.size, self.size);
-        assert_eq!(conn.phase(), Phase::Ready);
-        assert_eq!(
-            conn.extended_headers_negotiated(),
-            self.mode == Mode::Extended
-        );
-        assert_eq!(
-            conn.structured_replies_negotiated(),
-            self.mode != Mode::Simple
-        );
-        if self.mode != Mode::Simple {
-            assert_eq!(contexts_seen, self.contexts.len());
-        }
-        assert!(!conn.wants_write(), "nothing queued once ready");
-        Harness {
-            conn,
-            mode: self.mode.header_mode(),
-            wire: Vec::new(),
-            requests: HashMap::new(),
-            issued: HashSet::new(),
-            completed: HashSet::new(),
-            closed: 0,
-            pending: Vec::new(),
-        }
-    }
-}
-
-fn option_reply(b: &mut Vec<u8>, option: u32, typ: u32, data: &[u8]) {
-    b.put_u64(OPTION_REPLY_MAGIC);
-    b.put_u32(option);
-    b.put_u32(typ);
-    b.put_u32(data.len() as u32);
-    b.put_slice(data);
-}
-
-/// The option codes in a stream of option requests.
-fn options_sent(mut b: &[u8]) -> Vec<u32> {
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        assert!(b.len() >= 16, "truncated option request");
-        assert_eq!(&b[..8], &IHAVEOPT.to_be_bytes());
-        let code = u32::from_be_bytes(b[8..12].try_into().unwrap());
-        let len = u32::from_be_bytes(b[12..16].try_into().unwrap()) as usize;
-        out.push(code);
-        b = &b[16 + len..];
-    }
-    out
-}
-
-// ---------------------------------------------------------------------------
-// The harness
-// ---------------------------------------------------------------------------
-
-/// The connection ended for a protocol violation matching the pattern
-/// (see [`Harness::fatal`]).
-macro_rules! assert_fatal {
-    ($h:expr, $p:pat $(if $guard:expr)?) => {{
-        let e = $h.fatal();
-        assert!(
-            matches!(e, $p $(if $guard)?),
-            "expected {}, got {e:?}",
-            stringify!($p)
-        );
-    }};
-}
-
-/// A request as the client put it on the wire.
-#[derive(Debug, Clone)]
-struct Sent {
-    header: RequestHeader,
-    /// 28 or 32.
-    header_len: usize,
-    payload: Vec<u8>,
-}
-
-struct Harness {
-    conn: Connection,
-    mode: HeaderMode,
-    /// Client bytes not yet parsed into requests.
-    wire: Vec<u8>,
-    /// Requests seen on the wire, by cookie.
-    requests: HashMap<u64, RequestHeader>,
-    /// Cookies handed out by successful submissions.
-    issued: HashSet<Cookie>,
-    /// Cookies that got their `CommandDone`.
-    completed: HashSet<Cookie>,
-    closed: usize,
-    /// Events drained from the connection and not yet taken by the test.
-    pending: Vec<Event>,
-}
-
-impl Drop for Harness {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            return;
-        }
-        // End the connection (if it is still up) so every request completes.
-        self.conn.handle_eof();
-        self.drain();
-        // `drain` refuses events after Closed, so Closed came last.
-        assert_eq!(self.closed, 1, "exactly one Closed event");
-        let missing: Vec<_> = self.issued.difference(&self.completed).collect();
-        assert!(missing.is_empty(), "cookies never completed: {missing:?}");
-        assert_eq!(self.conn.in_flight(), 0);
-        assert!(self.conn.is_finished());
-    }
-}
-
-impl Harness {
-    // ----- events -----
-
-    /// Moves the connection's events into `pending`, checking the
-    /// exactly-once rules as they pass.
-    fn drain(&mut self) {
-        while let Some(ev) = self.conn.poll_event() {
-            assert_eq!(self.closed, 0, "event after Closed: {ev:?}");
-            match &ev {
-                Event::CommandDone { cookie, .. } => {
-                    assert!(
-                        self.issued.contains(cookie),
-                        "completion for a cookie never issued: {cookie:?}"
-                    );
-                    assert!(
-                        self.completed.insert(*cookie),
-                        "cookie completed twice: {cookie:?}"
-                    );
-                }
-                Event::ReadChunk { cookie, .. } | Event::BlockStatus { cookie, .. } => {
-                    assert!(self.issued.contains(cookie));
-                    assert!(
-                        !self.completed.contains(cookie),
-                        "event for a completed cookie: {ev:?}"
-                    );
-                }
-                Event::Closed(_) => self.closed += 1,
-                _ => {}
-            }
-            self.pending.push(ev);
-        }
-    }
-
-    /// All events not yet taken.
-    fn events(&mut self) -> Vec<Event> {
-        self.drain();
-        std::mem::take(&mut self.pending)
-    }
-
-    /// Asserts that no event is waiting.
-    fn no_events(&mut self) {
-        let ev = self.events();
-        assert!(ev.is_empty(), "unexpected events: {ev:?}");
-    }
-
-    /// Takes the completion of `cookie` (which must have happened).
-    fn done(&mut self, cookie: Cookie) -> (Result<(), CommandError>, Option<BytesMut>) {
-        self.drain();
-        let i = self
-            .pending
-            .iter()
-            .position(|e| matches!(e, Event::CommandDone { cookie: c, .. } if *c == cookie))
-            .unwrap_or_else(|| panic!("no CommandDone for {cookie:?}; events: {:?}", self.pending));
-        match self.pending.remove(i) {
-            Event::CommandDone { result, buffer, .. } => (result, buffer),
-            _ => unreachable!(),
-        }
-    }
-
-    fn done_ok(&mut self, cookie: Cookie) -> Option<BytesMut> {
-        let (r, b) = self.done(cookie);
-        assert_eq!(r, Ok(()), "{cookie:?} should succeed");
-        b
-    }
-
-    fn done_err(&mut self, cookie: Cookie) -> CommandError {
-        self.done(cookie).0.expect_err("request should fail")
-    }
-
-    /// Asserts `cookie` has not completed yet.
-    fn not_done(&mut self, cookie: Cookie) {
-        self.drain();
-        assert!(
-            !self.completed.contains(&cookie),
-            "{cookie:?} completed early"
-        );
-    }
-
-    /// The connection must have been hard-disconnected for a protocol
-    /// violation; every request still in flight failed with
-    /// `ConnectionClosed`. Returns the violation.
-    fn fatal(&mut self) -> ProtocolError {
-        self.drain();
-        assert_eq!(self.conn.phase(), Phase::Dead, "events: {:?}", self.pending);
-        assert_eq!(self.conn.in_flight(), 0);
-        let reason = match self.pending.last() {
-            Some(Event::Closed(CloseReason::Protocol(e))) => e.clone(),
-            other => panic!("expected Closed(Protocol), got {other:?}"),
-        };
-        // Everything the close completed failed with ConnectionClosed.
-        let closing: Vec<_> = self
-            .pending
-            .drain(..)
-            .filter_map(|e| match e {
-                Event::CommandDone { result, .. } => Some(result),
-                _ => None,
-            })
-            .collect();
-        for r in closing {
-            assert!(
-                matches!(r, Err(CommandError::ConnectionClosed(_))),
-                "request completed by close with {r:?}"
-            );
-        }
-        assert_eq!(
-            self.conn.close_reason(),
-            Some(&CloseReason::Protocol(reason.clone()))
-        );
-        reason
-    }
-
-    // ----- input -----
-
-    fn feed(&mut self, b: &[u8]) {
-        self.conn.handle_input(b);
-    }
-
-    /// Feeds `b` one byte at a time.
-    fn feed_bytewise(&mut self, b: &[u8]) {
-        for byte in b {
-            self.conn.handle_input(std::slice::from_ref(byte));
-        }
-    }
-
-    // ----- commands -----
-
-    /// Registers a successful submission.
-    fn ok(&mut self, r: Result<Cookie, impl Into<UsageError>>) -> Cookie {
-        let c = r.map_err(Into::into).expect("submission should succeed");
-        assert!(
-            self.issued.insert(c),
-            "cookie {c:?} issued twice while in flight"
-        );
-        c
-    }
-
-    /// A read into a buffer pre-filled with 0xff.
-    fn read(&mut self, offset: u64, len: u64) -> Cookie {
-        let r = self.conn.read(
-            offset,
-            BytesMut::from(&vec![0xff; len as usize][..]),
-            CmdFlags::empty(),
-        );
-        self.ok(r)
-    }
-
-    fn read_flags(&mut self, offset: u64, len: u64, flags: CmdFlags) -> Cookie {
-        let r = self
-            .conn
-            .read(offset, BytesMut::from(&vec![0xff; len as usize][..]), flags);
-        self.ok(r)
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) -> Cookie {
-        let r = self
-            .conn
-            .write(offset, Bytes::copy_from_slice(data), CmdFlags::empty());
-        self.ok(r)
-    }
-
-    fn flush(&mut self) -> Cookie {
-        let r = self.conn.flush(CmdFlags::empty());
-        self.ok(r)
-    }
-
-    fn block_status(&mut self, offset: u64, len: u64, flags: CmdFlags) -> Cookie {
-        let r = self.conn.block_status(offset, len, flags);
-        self.ok(r)
-    }
-
-    // ----- output -----
-
-    /// Requests the client sent since the last call.
-    fn sent(&mut self) -> Vec<Sent> {
-        self.conn.poll_transmit(&mut self.wire);
-        let mut out = Vec::new();
-        while let Some(m) = self.wire.first_chunk::<4>() {
-            let header_len = match u32::from_be_bytes(*m) {
-                REQUEST_MAGIC => 28,
-                EXTENDED_REQUEST_MAGIC => 32,
-                other => panic!("bad request magic {other:#x}"),
-            };
-            if self.wire.len() < header_len {
-                break;
-            }
-            let header = parse_request(&self.wire[..header_len]).unwrap();
-            let plen = if header.typ == cmd::WRITE || header.flags & cf::PAYLOAD_LEN != 0 {
-                header.length as usize
-            } else {
-                0
-            };
-            if self.wire.len() < header_len + plen {
-                break;
-            }
-            let payload = self.wire[header_len..header_len + plen].to_vec();
-            self.wire.drain(..header_len + plen);
-            self.requests.insert(header.cookie, header);
-            out.push(Sent {
-                header,
-                header_len,
-                payload,
-            });
-        }
-        assert!(self.wire.is_empty(), "partial request left on the wire");
-        out
-    }
-
-    /// Exactly one request was sent; returns it.
-    fn sent_one(&mut self) -> Sent {
-        let mut s = self.sent();
-        assert_eq!(s.len(), 1, "expected exactly one request, got {s:?}");
-        s.pop().unwrap()
-    }
-
-    /// Nothing was queued for the server.
-    fn nothing_sent(&mut self) {
-        assert!(!self.conn.wants_write(), "unexpected output queued");
-        assert_eq!(self.conn.queued_bytes(), 0);
-    }
-
-    // ----- replies -----
-
-    fn simple(&self, error: u32, c: Cookie) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        encode_simple_reply(error, c.0, &mut b);
-        b.to_vec()
-    }
-
-    /// A chunk in the negotiated mode; extended chunks echo the request's offset.
-    fn chunk(&self, flags: u16, typ: u16, c: Cookie, payload: &[u8]) -> Vec<u8> {
-        let offset = self.requests.get(&c.0).map_or(0, |h| h.offset);
-        self.chunk_at(flags, typ, c, offset, payload)
-    }
-
-    fn chunk_at(&self, flags: u16, typ: u16, c: Cookie, offset: u64, payload: &[u8]) -> Vec<u8> {
-        self.chunk_in(self.mode, flags, typ, c, offset, payload)
-    }
-
-    fn chunk_in(
-        &self,
-        mode: HeaderMode,
-        flags: u16,
-        typ: u16,
-        c: Cookie,
-        offset: u64,
-        payload: &[u8],
-    ) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        encode_chunk_header(mode, flags, typ, c.0, offset, payload.len() as u64, &mut b);
-        b.put_slice(payload);
-        b.to_vec()
-    }
-
-    fn data(&self, flags: u16, c: Cookie, off: u64, data: &[u8]) -> Vec<u8> {
-        self.chunk(flags, chunk::OFFSET_DATA, c, &offset_data(off, data))
-    }
-
-    fn hole(&self, flags: u16, c: Cookie, off: u64, len: u32) -> Vec<u8> {
-        self.chunk(flags, chunk::OFFSET_HOLE, c, &hole(off, len))
-    }
-
-    fn none(&self, c: Cookie) -> Vec<u8> {
-        self.chunk(DONE, chunk::NONE, c, &[])
-    }
-
-    fn error(&self, flags: u16, c: Cookie, err: u32, msg: &str) -> Vec<u8> {
-        self.chunk(flags, chunk::ERROR, c, &error_payload(err, msg))
-    }
-}
-
-// ----- payload builders -----
-
-fn offset_data(off: u64, data: &[u8]) -> Vec<u8> {
-    let mut p = Vec::with_capacity(8 + data.len());
-    p.put_u64(off);
-    p.put_slice(data);
-    p
-}
-
-fn hole(off: u64, len: u32) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.put_u64(off);
-    p.put_u32(len);
-    p
-}
-
-fn error_payload(err: u32, msg: &str) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.put_u32(err);
-    p.put_u16(msg.len() as u16);
-    p.put_slice(msg.as_bytes());
-    p
-}
-
-fn error_offset_payload(err: u32, msg: &str, off: u64) -> Vec<u8> {
-    let mut p = error_payload(err, msg);
-    p.put_u64(off);
-    p
-}
-
-fn status(ctx: u32, extents: &[(u32, u32)]) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.put_u32(ctx);
-    for (l, f) in extents {
-        p.put_u32(*l);
-        p.put_u32(*f);
-    }
-    p
-}
-
-fn status_ext(ctx: u32, extents: &[(u64, u64)]) -> Vec<u8> {
-    let mut p = Vec::new();
-    p.put_u32(ctx);
-    p.put_u32(extents.len() as u32);
-    for (l, f) in extents {
-        p.put_u64(*l);
-        p.put_u64(*f);
-    }
-    p
-}
-
-/// A recognisable data pattern.
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
-    parts.concat()
-}
-
-fn server_err(e: &CommandError) -> (u32, Option<&str>, Option<u64>) {
-    match e {
-        CommandError::Server {
-            errno,
-            message,
-            offset,
-        } => (errno.0, message.as_deref(), *offset),
-        other => panic!("expected a server error, got {other:?}"),
-    }
-}
 
 // ===========================================================================
 // §3.3 / §3.5: simple replies
@@ -674,7 +57,7 @@ fn s3_3_simple_read_split_bytewise() {
     let mut h = Setup::new(Mode::Simple).connect();
     let a = h.read(0, 512);
     let b = h.read(512, 512);
-    h.sent();
+    h.requests();
     let da = pattern(1, 512);
     let db = pattern(2, 512);
     // Replies out of order, fed one byte at a time.
@@ -692,7 +75,7 @@ fn s3_3_simple_write_flush_trim_out_of_order() {
     let f = h.flush();
     let t = h.conn.trim(8192, 4096, CmdFlags::FUA);
     let t = h.ok(t);
-    let s = h.sent();
+    let s = h.requests();
     assert_eq!(s.len(), 3);
     assert_eq!(s[0].header.typ, cmd::WRITE);
     assert_eq!(
@@ -728,7 +111,7 @@ fn s3_12_simple_error_reply_maps_errno() {
     let mut h = Setup::new(Mode::Simple).connect();
     for (wire, posix, kind) in cases {
         let c = h.write(0, &[0; 512]);
-        h.sent();
+        h.requests();
         let r = h.simple(wire, c);
         h.feed(&r);
         let e = h.done_err(c);
@@ -754,7 +137,7 @@ fn s3_12_simple_error_reply_maps_errno() {
 fn rule_103_unknown_error_value_maps_to_einval() {
     let mut h = Setup::new(Mode::Simple).connect();
     let c = h.write(0, &[1; 512]);
-    h.sent();
+    h.requests();
     let r = h.simple(0x1234, c);
     h.feed(&r);
     let e = h.done_err(c);
@@ -763,7 +146,7 @@ fn rule_103_unknown_error_value_maps_to_einval() {
     assert_eq!(e.io_kind(), std::io::ErrorKind::InvalidInput);
     // Not a reason to disconnect.
     let c2 = h.flush();
-    h.sent();
+    h.requests();
     let r = h.simple(0, c2);
     h.feed(&r);
     h.done_ok(c2);
@@ -775,7 +158,7 @@ fn s3_5_simple_read_error_carries_no_payload() {
     let mut h = Setup::new(Mode::Simple).connect();
     let a = h.read(0, 4096);
     let b = h.read(4096, 512);
-    h.sent();
+    h.requests();
     let db = pattern(9, 512);
     // The failed read has no data: the next bytes are the next reply.
     let stream = cat(&[&h.simple(errno::EIO, a), &h.simple(0, b), &db]);
@@ -791,7 +174,7 @@ fn s3_14_eof_mid_simple_read_payload_is_fatal() {
     let mut h = Setup::new(Mode::Simple).connect();
     let c = h.read(0, 4096);
     let other = h.flush();
-    h.sent();
+    h.requests();
     let r = h.simple(0, c);
     h.feed(&cat(&[&r, &pattern(0, 1000)]));
     h.not_done(c);
@@ -803,7 +186,7 @@ fn s3_14_eof_mid_simple_read_payload_is_fatal() {
         h.done_err(other),
         CommandError::ConnectionClosed(_)
     ));
-    let ev = h.events();
+    let ev = h.take_events();
     assert!(
         matches!(
             &ev[..],
@@ -821,7 +204,7 @@ fn s3_14_eof_mid_simple_read_payload_is_fatal() {
 fn s3_14_structured_chunk_when_only_simple_negotiated_is_fatal() {
     let mut h = Setup::new(Mode::Simple).connect();
     let c = h.read(0, 512);
-    h.sent();
+    h.requests();
     // encode_chunk_header in Simple mode writes a structured chunk.
     let r = h.none(c);
     h.feed(&r);
@@ -835,7 +218,7 @@ fn s3_14_structured_chunk_when_only_simple_negotiated_is_fatal() {
 fn s3_14_bad_reply_magic_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.flush();
-    h.sent();
+    h.requests();
     let mut r = h.simple(0, c);
     r[0] ^= 0x40;
     h.feed(&r);
@@ -850,7 +233,7 @@ fn s3_14_unknown_cookie_fatal() {
     for mode in [Mode::Simple, Mode::Structured, Mode::Extended] {
         let mut h = Setup::new(mode).connect();
         let c = h.flush();
-        h.sent();
+        h.requests();
         let bogus = Cookie(c.0 ^ 0x5555_0000_0000);
         let r = if mode == Mode::Extended {
             h.chunk_at(DONE, chunk::NONE, bogus, 0, &[])
@@ -874,7 +257,7 @@ fn zero_copy_simple_read_lands_in_callers_buffer() {
     let base = buf.as_ptr() as usize;
     let c = h.conn.read(0, buf, CmdFlags::empty());
     let c = h.ok(c);
-    h.sent();
+    h.requests();
     let data = pattern(42, len);
     let r = h.simple(0, c);
     h.feed(&r);
@@ -913,7 +296,7 @@ fn zero_copy_header_with_partial_payload() {
     let c = h.conn.read(0, BytesMut::zeroed(len), CmdFlags::empty());
     let c = h.ok(c);
     let next = h.flush();
-    h.sent();
+    h.requests();
     let data = pattern(5, len);
     let r = h.simple(0, c);
     h.feed(&cat(&[&r, &data[..300]]));
@@ -939,7 +322,7 @@ fn reply_in_progress_spans_first_byte_to_last() {
         let mut h = Setup::new(mode).connect();
         assert!(!h.conn.reply_in_progress(), "{mode:?}: idle");
         let c = h.read(0, 4096);
-        h.sent();
+        h.requests();
         assert!(!h.conn.reply_in_progress(), "{mode:?}: request out");
         let data = pattern(3, 4096);
         let reply = if mode == Mode::Simple {
@@ -952,7 +335,7 @@ fn reply_in_progress_spans_first_byte_to_last() {
         for cut in [1, header - 1, header, header + 1, reply.len() - 1] {
             let mut h2 = Setup::new(mode).connect();
             let c2 = h2.read(0, 4096);
-            h2.sent();
+            h2.requests();
             assert_eq!(c2, c, "same cookie in a fresh connection");
             h2.feed(&reply[..cut]);
             assert!(h2.conn.reply_in_progress(), "{mode:?}: cut at {cut}");
@@ -999,7 +382,7 @@ fn zero_copy_offset_data_chunk_targets_its_region() {
     let base = buf.as_ptr() as usize;
     let c = h.conn.read(MIB, buf, CmdFlags::empty());
     let c = h.ok(c);
-    h.sent();
+    h.requests();
     let data = pattern(11, len);
     let half = len / 2;
     // Second half first: header and the 8-byte offset, no data yet.
@@ -1033,7 +416,7 @@ fn zero_copy_large_reads_keep_receive_buffer_reads_short() {
     let base = buf.as_ptr() as usize;
     let c = h.conn.read(0, buf, CmdFlags::empty());
     let c = h.ok(c);
-    h.sent();
+    h.requests();
     let data = pattern(3, len);
     let reply = h.data(DONE, c, 0, &data);
     let rb = h.conn.recv_buf();
@@ -1056,7 +439,7 @@ fn zero_copy_large_reads_keep_receive_buffer_reads_short() {
     // that one socket read can take many replies.
     let c = h.conn.read(0, BytesMut::zeroed(4096), CmdFlags::empty());
     h.ok(c);
-    h.sent();
+    h.requests();
     assert!(h.conn.recv_buf().len() > 64 * KIB as usize);
 }
 
@@ -1068,7 +451,7 @@ fn zero_copy_large_reads_keep_receive_buffer_reads_short() {
 fn rule_99_out_of_order_offset_data_reassembled() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(8192, 4096);
-    h.sent();
+    h.requests();
     let data = pattern(17, 4096);
     let order = [3usize, 0, 2, 1];
     let mut stream = Vec::new();
@@ -1085,7 +468,7 @@ fn rule_99_out_of_order_offset_data_reassembled() {
 fn s3_8_offset_hole_zero_fills() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 4096); // buffer pre-filled with 0xff
-    h.sent();
+    h.requests();
     let data = pattern(23, 1024);
     let stream = cat(&[
         &h.hole(0, c, 1024, 2048),
@@ -1110,10 +493,10 @@ fn s3_8_read_with_chunk_events() {
         .conn
         .read_with_chunks(0, BytesMut::zeroed(2048), CmdFlags::empty());
     let c = h.ok(r);
-    h.sent();
+    h.requests();
     let stream = cat(&[&h.data(0, c, 1024, &[7; 1024]), &h.hole(DONE, c, 0, 1024)]);
     h.feed(&stream);
-    let ev = h.events();
+    let ev = h.take_events();
     let chunks: Vec<_> = ev
         .iter()
         .filter_map(|e| match e {
@@ -1148,7 +531,7 @@ fn rule_105_chunk_outside_request_is_fatal() {
     for case in 0..3 {
         let mut h = Setup::new(Mode::Structured).connect();
         let c = h.read(4096, 4096);
-        h.sent();
+        h.requests();
         let r = match case {
             0 => h.data(0, c, 4096 + 3072, &[0; 2048]),
             1 => h.data(0, c, 4095, &[0; 16]),
@@ -1163,7 +546,7 @@ fn rule_105_chunk_outside_request_is_fatal() {
 fn rule_105_overlapping_chunks_are_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 4096);
-    h.sent();
+    h.requests();
     let stream = cat(&[&h.data(0, c, 0, &[1; 2048]), &h.hole(0, c, 2047, 100)]);
     h.feed(&stream);
     assert_fatal!(h, ProtocolError::ChunkOverlap { length: 100, .. });
@@ -1173,7 +556,7 @@ fn rule_105_overlapping_chunks_are_fatal() {
 fn s3_9_done_with_gap_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 4096);
-    h.sent();
+    h.requests();
     let stream = cat(&[
         &h.data(0, c, 0, &[1; 1024]),
         &h.data(DONE, c, 2048, &[2; 2048]),
@@ -1193,7 +576,7 @@ fn s3_9_done_with_gap_is_fatal() {
 fn s3_9_none_with_gap_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 4096);
-    h.sent();
+    h.requests();
     let stream = cat(&[&h.hole(0, c, 0, 1024), &h.none(c)]);
     h.feed(&stream);
     assert_fatal!(h, ProtocolError::ReadIncomplete { .. });
@@ -1203,7 +586,7 @@ fn s3_9_none_with_gap_is_fatal() {
 fn s3_8_none_with_payload_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.flush();
-    h.sent();
+    h.requests();
     let r = h.chunk(DONE, chunk::NONE, c, &[0; 4]);
     h.feed(&r);
     assert_fatal!(
@@ -1220,7 +603,7 @@ fn s3_8_none_with_payload_is_fatal() {
 fn s3_8_none_without_done_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.flush();
-    h.sent();
+    h.requests();
     let r = h.chunk(0, chunk::NONE, c, &[]);
     h.feed(&r);
     assert_fatal!(
@@ -1237,7 +620,7 @@ fn s3_8_none_without_done_is_fatal() {
 fn s3_8_offset_data_too_short_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 512);
-    h.sent();
+    h.requests();
     // 8 bytes: an offset and no data.
     let r = h.chunk(DONE, chunk::OFFSET_DATA, c, &0u64.to_be_bytes());
     h.feed(&r);
@@ -1252,7 +635,7 @@ fn s3_8_offset_hole_bad_length_or_zero_size_is_fatal() {
     for case in 0..2 {
         let mut h = Setup::new(Mode::Structured).connect();
         let c = h.read(0, 512);
-        h.sent();
+        h.requests();
         let r = if case == 0 {
             h.chunk(DONE, chunk::OFFSET_HOLE, c, &[0; 16])
         } else {
@@ -1270,7 +653,7 @@ fn s3_8_offset_hole_bad_length_or_zero_size_is_fatal() {
 fn s3_8_error_chunk_fails_request_and_connection_continues() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 4096);
-    h.sent();
+    h.requests();
     // Content, then an error, then more content and DONE: the read fails
     // (rule 100: no partial success).
     let stream = cat(&[
@@ -1285,7 +668,7 @@ fn s3_8_error_chunk_fails_request_and_connection_continues() {
     assert_eq!(h.conn.phase(), Phase::Ready);
     // The next request works.
     let d = h.read(0, 512);
-    h.sent();
+    h.requests();
     let r = h.data(DONE, d, 0, &[9; 512]);
     h.feed(&r);
     assert_eq!(&h.done_ok(d).unwrap()[..], &[9; 512][..]);
@@ -1295,7 +678,7 @@ fn s3_8_error_chunk_fails_request_and_connection_continues() {
 fn s3_8_error_chunk_to_write_with_done() {
     let mut h = Setup::new(Mode::Structured).connect();
     let w = h.write(0, &[0; 512]);
-    h.sent();
+    h.requests();
     let r = h.error(DONE, w, errno::ENOSPC, "");
     h.feed(&r);
     assert_eq!(server_err(&h.done_err(w)), (errno::ENOSPC, None, None));
@@ -1305,7 +688,7 @@ fn s3_8_error_chunk_to_write_with_done() {
 fn s3_8_first_error_wins() {
     let mut h = Setup::new(Mode::Structured).connect();
     let w = h.write(0, &[0; 512]);
-    h.sent();
+    h.requests();
     let stream = cat(&[
         &h.error(0, w, errno::EPERM, "first"),
         &h.error(DONE, w, errno::EIO, "second"),
@@ -1321,7 +704,7 @@ fn s3_8_first_error_wins() {
 fn s3_8_error_offset_inside_request_is_reported() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(4096, 4096);
-    h.sent();
+    h.requests();
     let p = error_offset_payload(errno::EIO, "bad sector", 6144);
     let stream = cat(&[
         &h.data(0, c, 4096, &[0; 2048]),
@@ -1339,7 +722,7 @@ fn s3_8_error_offset_outside_request_is_fatal() {
     for off in [4095u64, 8192] {
         let mut h = Setup::new(Mode::Structured).connect();
         let c = h.read(4096, 4096);
-        h.sent();
+        h.requests();
         let p = error_offset_payload(errno::EIO, "", off);
         let r = h.chunk(DONE, chunk::ERROR_OFFSET, c, &p);
         h.feed(&r);
@@ -1351,7 +734,7 @@ fn s3_8_error_offset_outside_request_is_fatal() {
 fn s3_8_error_chunk_too_short_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.flush();
-    h.sent();
+    h.requests();
     let r = h.chunk(DONE, chunk::ERROR, c, &[0, 0, 0, 5, 0]);
     h.feed(&r);
     assert!(matches!(h.fatal(), ProtocolError::Wire(_)));
@@ -1361,7 +744,7 @@ fn s3_8_error_chunk_too_short_is_fatal() {
 fn rule_97_unknown_error_chunk_fails_request_and_continues() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 1024);
-    h.sent();
+    h.requests();
     // Type 0x8123: unknown, bit 15 set; trailing bytes after the message ignored.
     let mut p = error_payload(errno::EPERM, "nope");
     p.extend_from_slice(&[0xaa; 10]);
@@ -1373,7 +756,7 @@ fn rule_97_unknown_error_chunk_fails_request_and_continues() {
     );
     assert_eq!(h.conn.phase(), Phase::Ready);
     let f = h.flush();
-    h.sent();
+    h.requests();
     let r = h.none(f);
     h.feed(&r);
     h.done_ok(f);
@@ -1384,7 +767,7 @@ fn rule_97_error_chunk_type_unexpected_for_command_fails_request() {
     // ERROR_OFFSET is not valid for FLUSH: falls under the bit-15 rule.
     let mut h = Setup::new(Mode::Structured).connect();
     let f = h.flush();
-    h.sent();
+    h.requests();
     let p = error_offset_payload(errno::EIO, "", 0);
     let r = h.chunk(DONE, chunk::ERROR_OFFSET, f, &p);
     h.feed(&r);
@@ -1396,7 +779,7 @@ fn rule_97_error_chunk_type_unexpected_for_command_fails_request() {
 fn rule_97_unknown_error_chunk_message_overflow_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.flush();
-    h.sent();
+    h.requests();
     let mut p = Vec::new();
     p.put_u32(errno::EIO);
     p.put_u16(100); // claims 100 bytes of message
@@ -1413,7 +796,7 @@ fn rule_97_unknown_error_chunk_message_overflow_is_fatal() {
 fn rule_96_unknown_non_error_chunk_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 512);
-    h.sent();
+    h.requests();
     let r = h.chunk(DONE, 0x0042, c, &[0; 8]);
     h.feed(&r);
     assert_fatal!(h, ProtocolError::UnexpectedChunkType { chunk_type: 66, .. });
@@ -1424,7 +807,7 @@ fn rule_96_content_chunk_to_non_read_is_fatal() {
     for typ in [chunk::OFFSET_DATA, chunk::OFFSET_HOLE] {
         let mut h = Setup::new(Mode::Structured).connect();
         let w = h.write(0, &[0; 512]);
-        h.sent();
+        h.requests();
         let p = if typ == chunk::OFFSET_DATA {
             offset_data(0, &[0; 512])
         } else {
@@ -1446,7 +829,7 @@ fn rule_96_content_chunk_to_non_read_is_fatal() {
 fn rule_96_block_status_chunk_to_read_is_fatal() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
     let c = h.read(0, 512);
-    h.sent();
+    h.requests();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(512, 0)]));
     h.feed(&r);
     assert_fatal!(
@@ -1463,7 +846,7 @@ fn rule_96_block_status_chunk_to_read_is_fatal() {
 fn s3_1_simple_reply_to_read_in_structured_mode_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 512);
-    h.sent();
+    h.requests();
     let r = h.simple(0, c);
     h.feed(&cat(&[&r, &[0; 512]]));
     assert_fatal!(h, ProtocolError::SimpleReplyToStructuredRead { .. });
@@ -1474,7 +857,7 @@ fn s3_1_simple_reply_without_payload_allowed_in_structured_mode() {
     let mut h = Setup::new(Mode::Structured).connect();
     let w = h.write(0, &[1; 512]);
     let f = h.flush();
-    h.sent();
+    h.requests();
     let stream = cat(&[&h.simple(0, f), &h.simple(errno::EIO, w)]);
     h.feed(&stream);
     h.done_ok(f);
@@ -1485,7 +868,7 @@ fn s3_1_simple_reply_without_payload_allowed_in_structured_mode() {
 fn s3_14_chunk_after_done_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 512);
-    h.sent();
+    h.requests();
     let r = h.data(DONE, c, 0, &[3; 512]);
     h.feed(&r);
     h.done_ok(c);
@@ -1499,13 +882,13 @@ fn s3_14_chunk_after_done_is_fatal() {
 fn s3_14_stale_cookie_after_slot_reuse_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let a = h.flush();
-    h.sent();
+    h.requests();
     let r = h.none(a);
     h.feed(&r);
     h.done_ok(a);
     // A new request may reuse the slot, but never the cookie.
     let b = h.flush();
-    h.sent();
+    h.requests();
     assert_ne!(a, b);
     let late = h.none(a);
     h.feed(&late);
@@ -1524,7 +907,7 @@ fn s3_4_replies_out_of_order_across_many_requests() {
     let writes: Vec<_> = (0..8)
         .map(|i| h.write(MIB + i * 512, &[i as u8; 512]))
         .collect();
-    assert_eq!(h.sent().len(), n + 8);
+    assert_eq!(h.requests().len(), n + 8);
     // Each read gets two chunks; interleave: all second halves in reverse
     // order, then the writes, then all first halves (with DONE).
     let datas: Vec<_> = (0..n).map(|i| pattern(i as u8, 4096)).collect();
@@ -1559,7 +942,7 @@ fn s3_4_replies_out_of_order_across_many_requests() {
 fn rule_95_unknown_reply_flags_ignored() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 512);
-    h.sent();
+    h.requests();
     let stream = cat(&[
         &h.data(0x7ff0, c, 0, &[5; 256]),
         &h.data(0x8000 | DONE, c, 256, &[6; 256]),
@@ -1585,7 +968,7 @@ fn s3_6_df_read_with_two_content_chunks_is_fatal() {
 fn s3_6_df_read_single_chunk_ok() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read_flags(0, 1024, CmdFlags::DF);
-    h.sent();
+    h.requests();
     let r = h.data(DONE, c, 0, &[1; 1024]);
     h.feed(&r);
     h.done_ok(c);
@@ -1595,7 +978,7 @@ fn s3_6_df_read_single_chunk_ok() {
 fn s3_14_extended_chunk_in_structured_mode_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.flush();
-    h.sent();
+    h.requests();
     let r = h.chunk_in(HeaderMode::Extended, DONE, chunk::NONE, c, 0, &[]);
     h.feed(&r);
     assert!(matches!(
@@ -1611,7 +994,7 @@ fn s3_14_extended_chunk_in_structured_mode_is_fatal() {
 fn s3_11_unreasonably_large_chunk_is_fatal() {
     let mut h = Setup::new(Mode::Extended).connect();
     let c = h.read(0, 4096);
-    h.sent();
+    h.requests();
     // Only the header: a 1 GiB payload is announced.
     let mut b = BytesMut::new();
     encode_chunk_header(
@@ -1638,7 +1021,7 @@ fn rule_48_75_extended_requests_are_32_bytes_with_payload_len() {
     let w = h.write(4096, &data);
     let r = h.read(0, 512);
     let f = h.flush();
-    let s = h.sent();
+    let s = h.requests();
     assert_eq!(s.len(), 3);
     for x in &s {
         assert_eq!(x.header_len, 32, "extended header for {}", x.header.typ);
@@ -1689,7 +1072,7 @@ fn rule_74_compact_write_never_sets_payload_len() {
 fn s3_3_extended_reply_offset_mismatch_is_fatal() {
     let mut h = Setup::new(Mode::Extended).connect();
     let c = h.read(8192, 1024);
-    h.sent();
+    h.requests();
     // The payload's own offset is right; the header's echo is wrong.
     let r = h.chunk_at(
         DONE,
@@ -1713,7 +1096,7 @@ fn s3_3_extended_reply_offset_mismatch_is_fatal() {
 fn s3_3_extended_reply_offset_echoes_request_not_chunk() {
     let mut h = Setup::new(Mode::Extended).connect();
     let c = h.read(8192, 1024);
-    h.sent();
+    h.requests();
     // Second half first: header offset stays the request's offset.
     let stream = cat(&[
         &h.data(0, c, 8192 + 512, &[2; 512]),
@@ -1729,7 +1112,7 @@ fn s3_3_extended_reply_offset_echoes_request_not_chunk() {
 fn s3_14_simple_reply_in_extended_mode_is_fatal() {
     let mut h = Setup::new(Mode::Extended).connect();
     let c = h.flush();
-    h.sent();
+    h.requests();
     let r = h.simple(0, c);
     h.feed(&r);
     assert!(matches!(
@@ -1745,7 +1128,7 @@ fn s3_14_simple_reply_in_extended_mode_is_fatal() {
 fn s3_14_structured_chunk_in_extended_mode_is_fatal() {
     let mut h = Setup::new(Mode::Extended).connect();
     let c = h.flush();
-    h.sent();
+    h.requests();
     let r = h.chunk_in(HeaderMode::Structured, DONE, chunk::NONE, c, 0, &[]);
     h.feed(&r);
     assert!(matches!(
@@ -1763,7 +1146,7 @@ fn s3_2_extended_64bit_effect_lengths() {
     let t = h.ok(t);
     let z = h.conn.write_zeroes(4096, len, CmdFlags::NO_HOLE);
     let z = h.ok(z);
-    let s = h.sent();
+    let s = h.requests();
     assert_eq!(s[0].header.length, len);
     assert_eq!(s[1].header.length, len);
     assert_eq!(s[1].header.flags, cf::NO_HOLE);
@@ -1789,7 +1172,7 @@ fn s3_10_block_status_ext_with_64bit_lengths() {
     let p = status_ext(7, &[(big, 3), (len - big - 4096, 0), (1 << 40, 0)]);
     let r = h.chunk(DONE, chunk::BLOCK_STATUS_EXT, c, &p);
     h.feed(&r);
-    let ev = h.events();
+    let ev = h.take_events();
     match &ev[..] {
         [Event::BlockStatus {
             cookie,
@@ -1827,7 +1210,7 @@ fn s3_10_block_status_ext_with_64bit_lengths() {
 fn s3_8_block_status_ext_count_mismatch_is_fatal() {
     let mut h = Setup::new(Mode::Extended).base_allocation(1).connect();
     let c = h.block_status(0, 4096, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let mut p = status_ext(1, &[(4096, 0)]);
     p[4..8].copy_from_slice(&2u32.to_be_bytes());
     let r = h.chunk(DONE, chunk::BLOCK_STATUS_EXT, c, &p);
@@ -1839,7 +1222,7 @@ fn s3_8_block_status_ext_count_mismatch_is_fatal() {
 fn s3_8_block_status_type5_in_extended_mode_is_fatal() {
     let mut h = Setup::new(Mode::Extended).base_allocation(1).connect();
     let c = h.block_status(0, 4096, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(4096, 0)]));
     h.feed(&r);
     assert_fatal!(
@@ -1856,7 +1239,7 @@ fn s3_8_block_status_type5_in_extended_mode_is_fatal() {
 fn s3_8_block_status_ext_in_structured_mode_is_fatal() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
     let c = h.block_status(0, 4096, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let r = h.chunk(
         DONE,
         chunk::BLOCK_STATUS_EXT,
@@ -1878,7 +1261,7 @@ fn s3_8_block_status_ext_in_structured_mode_is_fatal() {
 // §3.10: block status
 // ===========================================================================
 
-fn two_contexts() -> Harness {
+fn two_contexts() -> Pair {
     Setup::new(Mode::Structured)
         .contexts(&[(1, "base:allocation"), (9, "qemu:dirty-bitmap:b")])
         .connect()
@@ -1904,7 +1287,7 @@ fn s3_10_block_status_event_per_context() {
         &h.none(c),
     ]);
     h.feed(&stream);
-    let ev = h.events();
+    let ev = h.take_events();
     assert_eq!(ev.len(), 3, "{ev:?}");
     let mut seen = HashMap::new();
     for e in &ev[..2] {
@@ -1955,7 +1338,7 @@ fn s3_10_block_status_event_per_context() {
 fn s3_10_block_status_done_on_last_status_chunk() {
     let mut h = two_contexts();
     let c = h.block_status(0, 4096, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let stream = cat(&[
         &h.chunk(0, chunk::BLOCK_STATUS, c, &status(1, &[(4096, 0)])),
         &h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(9, &[(8192, 0)])),
@@ -1966,7 +1349,7 @@ fn s3_10_block_status_done_on_last_status_chunk() {
     }
     h.done_ok(c);
     let n = h
-        .events()
+        .take_events()
         .iter()
         .filter(|e| matches!(e, Event::BlockStatus { .. }))
         .count();
@@ -1977,12 +1360,12 @@ fn s3_10_block_status_done_on_last_status_chunk() {
 fn s3_10_block_status_error_chunk_fails_request_and_continues() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
     let c = h.block_status(0, 4096, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let r = h.error(DONE, c, errno::EINVAL, "out of range");
     h.feed(&r);
     assert_eq!(server_err(&h.done_err(c)).0, errno::EINVAL);
     let d = h.block_status(0, 4096, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, d, &status(1, &[(4096, 0)]));
     h.feed(&r);
     h.done_ok(d);
@@ -1992,7 +1375,7 @@ fn s3_10_block_status_error_chunk_fails_request_and_continues() {
 fn s3_10_unknown_context_id_is_fatal() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
     let c = h.block_status(0, 4096, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(2, &[(4096, 0)]));
     h.feed(&r);
     assert_fatal!(h, ProtocolError::UnknownContextId { context: 2, .. });
@@ -2002,7 +1385,7 @@ fn s3_10_unknown_context_id_is_fatal() {
 fn s3_10_duplicate_context_is_fatal() {
     let mut h = two_contexts();
     let c = h.block_status(0, 4096, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let stream = cat(&[
         &h.chunk(0, chunk::BLOCK_STATUS, c, &status(1, &[(4096, 0)])),
         &h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(4096, 0)])),
@@ -2030,7 +1413,7 @@ fn s3_10_req_one_with_two_extents_is_fatal() {
 fn s3_10_req_one_extent_longer_than_request_is_fatal() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
     let c = h.block_status(0, 8192, CmdFlags::REQ_ONE);
-    h.sent();
+    h.requests();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(8193, 0)]));
     h.feed(&r);
     assert_fatal!(
@@ -2047,7 +1430,7 @@ fn s3_10_req_one_extent_longer_than_request_is_fatal() {
 fn s3_10_req_one_single_short_extent_ok() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
     let c = h.block_status(0, 8192, CmdFlags::REQ_ONE);
-    h.sent();
+    h.requests();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &[(512, 0)]));
     h.feed(&r);
     h.done_ok(c);
@@ -2057,7 +1440,7 @@ fn s3_10_req_one_single_short_extent_ok() {
 fn s3_10_zero_length_extent_is_fatal() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
     let c = h.block_status(0, 8192, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let r = h.chunk(
         DONE,
         chunk::BLOCK_STATUS,
@@ -2083,7 +1466,7 @@ fn s3_10_first_extents_reaching_request_length_is_fatal() {
     ] {
         let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
         let c = h.block_status(0, 8192, CmdFlags::empty());
-        h.sent();
+        h.requests();
         let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &ext));
         h.feed(&r);
         assert_fatal!(h, ProtocolError::ExtentsPastRequest { .. });
@@ -2094,7 +1477,7 @@ fn s3_10_first_extents_reaching_request_length_is_fatal() {
 fn s3_10_last_extent_may_exceed_request() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
     let c = h.block_status(0, 8192, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let r = h.chunk(
         DONE,
         chunk::BLOCK_STATUS,
@@ -2103,7 +1486,7 @@ fn s3_10_last_extent_may_exceed_request() {
     );
     h.feed(&r);
     h.done_ok(c);
-    let ev = h.events();
+    let ev = h.take_events();
     assert!(matches!(&ev[..], [Event::BlockStatus { extents, .. }] if extents.len() == 3));
 }
 
@@ -2115,7 +1498,7 @@ fn s3_8_block_status_bad_length_is_fatal() {
     ] {
         let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
         let c = h.block_status(0, 4096, CmdFlags::empty());
-        h.sent();
+        h.requests();
         let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &p);
         h.feed(&r);
         assert!(matches!(
@@ -2134,7 +1517,7 @@ fn s3_10_too_many_extents_is_fatal() {
         .limits(limits)
         .connect();
     let c = h.block_status(0, 8192, CmdFlags::empty());
-    h.sent();
+    h.requests();
     let ext: Vec<_> = (0..5).map(|_| (512u32, 0u32)).collect();
     let r = h.chunk(DONE, chunk::BLOCK_STATUS, c, &status(1, &ext));
     h.feed(&r);
@@ -2418,7 +1801,7 @@ fn strict_zero_length_read_completes() {
         .strict(Strict::ALL - Strict::ZERO_SIZE)
         .connect();
     let c = h.read(0, 0);
-    h.sent();
+    h.requests();
     let r = h.none(c);
     h.feed(&r);
     assert_eq!(h.done_ok(c).unwrap().len(), 0);
@@ -2428,7 +1811,7 @@ fn strict_zero_length_read_completes() {
         .connect();
     let c = h.read(0, 0);
     let f = h.flush();
-    h.sent();
+    h.requests();
     let stream = cat(&[&h.simple(0, c), &h.simple(0, f)]);
     h.feed(&stream);
     h.done_ok(c);
@@ -2474,7 +1857,7 @@ fn strict_align_with_advertised_minimum() {
         let mut h = setup(Strict::ALL).connect();
         h.read(m, m);
         h.write(2 * m, &vec![0; min as usize]);
-        assert_eq!(h.sent().len(), 2);
+        assert_eq!(h.requests().len(), 2);
     }
 }
 
@@ -2512,7 +1895,7 @@ fn strict_payload_write_over_max() {
     assert_eq!(h.conn.payload_max(), MIB);
     h.write(0, &vec![0; MIB as usize]);
     h.read(0, 2 * MIB);
-    assert_eq!(h.sent().len(), 2);
+    assert_eq!(h.requests().len(), 2);
 }
 
 #[test]
@@ -2751,7 +2134,7 @@ fn life_03_commands_after_disconnect_refused() {
     assert!(wrong(h.conn.disconnect().unwrap_err()), "second disconnect");
     h.nothing_sent(); // rule 81
     h.conn.handle_eof();
-    let ev = h.events();
+    let ev = h.take_events();
     assert!(matches!(
         &ev[..],
         [Event::Closed(CloseReason::Disconnected)]
@@ -2781,7 +2164,7 @@ fn limits_max_in_flight() {
             bytes: 0
         }
     );
-    assert_eq!(h.sent().len(), 4, "the refused request was not sent");
+    assert_eq!(h.requests().len(), 4, "the refused request was not sent");
     let r = h.none(cookies[2]);
     h.feed(&r);
     h.done_ok(cookies[2]);
@@ -2819,7 +2202,7 @@ fn limits_bytes_in_flight() {
         .error;
     assert!(matches!(e, UsageError::InFlightLimit { .. }));
     h.flush();
-    assert_eq!(h.sent().len(), 3);
+    assert_eq!(h.requests().len(), 3);
     // A completion frees its bytes.
     let r = h.data(DONE, a, 0, &vec![0; 512 * KIB as usize]);
     h.feed(&r);
@@ -2873,9 +2256,9 @@ fn life_01_server_dies_with_64_requests_in_flight() {
     assert_eq!(cookies.len(), 64);
     assert_eq!(h.conn.in_flight(), 64);
     assert!(!h.conn.has_room(0));
-    assert_eq!(h.sent().len(), 64);
+    assert_eq!(h.requests().len(), 64);
     h.conn.handle_eof();
-    let ev = h.events();
+    let ev = h.take_events();
     assert_eq!(ev.len(), 65);
     let mut done = HashSet::new();
     for e in &ev[..64] {
@@ -2909,7 +2292,7 @@ fn life_01_transport_error_fails_everything() {
     h.conn.handle_transport_error("connection reset");
     assert!(matches!(h.done_err(a), CommandError::ConnectionClosed(_)));
     assert!(matches!(h.done_err(b), CommandError::ConnectionClosed(_)));
-    let ev = h.events();
+    let ev = h.take_events();
     assert!(matches!(
         &ev[..],
         [Event::Closed(CloseReason::ServerClosed { lost: 2, transport_error: Some(m) })] if m == "connection reset"
@@ -2922,7 +2305,7 @@ fn s3_13_disconnect_after_completions_then_eof_is_clean() {
     let mut h = Setup::new(Mode::Structured).connect();
     let a = h.read(0, 512);
     let w = h.write(512, &[1; 512]);
-    h.sent();
+    h.requests();
     let stream = cat(&[&h.data(DONE, a, 0, &[2; 512]), &h.none(w)]);
     h.feed(&stream);
     h.done_ok(a);
@@ -2932,7 +2315,7 @@ fn s3_13_disconnect_after_completions_then_eof_is_clean() {
     assert_eq!(s.header.typ, cmd::DISC);
     assert_eq!(s.header_len, 28);
     h.conn.handle_eof();
-    let ev = h.events();
+    let ev = h.take_events();
     assert!(
         matches!(&ev[..], [Event::Closed(CloseReason::Disconnected)]),
         "{ev:?}"
@@ -2945,7 +2328,7 @@ fn s3_13_disconnect_with_requests_in_flight_still_completes_them() {
     let mut h = Setup::new(Mode::Extended).connect();
     let a = h.read(0, 512);
     h.conn.disconnect().unwrap();
-    let s = h.sent();
+    let s = h.requests();
     assert_eq!(s.len(), 2);
     assert_eq!((s[1].header.typ, s[1].header_len), (cmd::DISC, 32));
     // The server finishes outstanding work after DISC.
@@ -2953,7 +2336,7 @@ fn s3_13_disconnect_with_requests_in_flight_still_completes_them() {
     h.feed(&r);
     h.done_ok(a);
     h.conn.handle_eof();
-    let ev = h.events();
+    let ev = h.take_events();
     assert!(matches!(
         &ev[..],
         [Event::Closed(CloseReason::Disconnected)]
@@ -2965,10 +2348,10 @@ fn s3_13_eof_after_disconnect_with_reply_missing_is_not_clean() {
     let mut h = Setup::new(Mode::Structured).connect();
     let a = h.flush();
     h.conn.disconnect().unwrap();
-    h.sent();
+    h.requests();
     h.conn.handle_eof();
     assert!(matches!(h.done_err(a), CommandError::ConnectionClosed(_)));
-    let ev = h.events();
+    let ev = h.take_events();
     assert!(matches!(
         &ev[..],
         [Event::Closed(CloseReason::ServerClosed { lost: 1, .. })]
@@ -2981,7 +2364,7 @@ fn s3_13_eof_after_disconnect_with_reply_missing_is_not_clean() {
 fn s3_13_eof_while_idle_is_server_closed_nothing_lost() {
     let mut h = Setup::new(Mode::Simple).connect();
     h.conn.handle_eof();
-    let ev = h.events();
+    let ev = h.take_events();
     assert!(matches!(
         &ev[..],
         [Event::Closed(CloseReason::ServerClosed {
@@ -3008,10 +2391,10 @@ fn s3_13_eof_after_go_then_disconnect_is_ok() {
         } else {
             h.conn.handle_eof();
         }
-        h.drain();
+        h.drain_events();
         assert_eq!(h.conn.disconnect(), Ok(()), "reset {reset}");
         h.nothing_sent();
-        let ev = h.events();
+        let ev = h.take_events();
         assert!(
             matches!(
                 &ev[..],
@@ -3038,7 +2421,7 @@ fn s3_13_eof_or_reset_after_disc_queued_is_clean() {
         } else {
             h.conn.handle_eof();
         }
-        let ev = h.events();
+        let ev = h.take_events();
         assert!(
             matches!(&ev[..], [Event::Closed(CloseReason::Disconnected)]),
             "reset {reset}: {ev:?}"
@@ -3054,12 +2437,12 @@ fn s3_13_eof_or_reset_after_disc_queued_is_clean() {
 fn s3_13_eof_with_a_read_in_flight_is_a_loss() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 4096);
-    h.sent();
+    h.requests();
     h.conn.handle_eof();
     let (r, buf) = h.done(c);
     assert!(matches!(r, Err(CommandError::ConnectionClosed(_))), "{r:?}");
     assert_eq!(buf.map(|b| b.len()), Some(4096));
-    let ev = h.events();
+    let ev = h.take_events();
     assert!(
         matches!(
             &ev[..],
@@ -3078,10 +2461,10 @@ fn s3_13_eof_with_a_read_in_flight_is_a_loss() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 4096);
     h.conn.disconnect().unwrap();
-    h.sent();
+    h.requests();
     h.conn.handle_eof();
     assert!(matches!(h.done_err(c), CommandError::ConnectionClosed(_)));
-    let ev = h.events();
+    let ev = h.take_events();
     assert!(matches!(
         &ev[..],
         [Event::Closed(CloseReason::ServerClosed { lost: 1, .. })]
@@ -3094,7 +2477,7 @@ fn rule_104_eshutdown_sends_disc_once_idle() {
         let mut h = Setup::new(mode).connect();
         let w = h.write(0, &[1; 512]);
         let f = h.flush();
-        h.sent();
+        h.requests();
         let r = if mode == Mode::Simple {
             h.simple(errno::ESHUTDOWN, w)
         } else {
@@ -3125,7 +2508,7 @@ fn rule_104_eshutdown_sends_disc_once_idle() {
         ));
         assert!(h.conn.disconnect().is_err());
         h.conn.handle_eof();
-        let ev = h.events();
+        let ev = h.take_events();
         assert!(matches!(
             &ev[..],
             [Event::Closed(CloseReason::Disconnected)]
@@ -3137,7 +2520,7 @@ fn rule_104_eshutdown_sends_disc_once_idle() {
 fn rule_104_eshutdown_on_last_request_sends_disc_at_once() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(0, 4096);
-    h.sent();
+    h.requests();
     // Error first, then the content: completion comes from the data path.
     let stream = cat(&[
         &h.error(0, c, errno::ESHUTDOWN, ""),
@@ -3153,7 +2536,7 @@ fn rule_104_eshutdown_via_zero_copy_completion() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.conn.read(0, BytesMut::zeroed(4096), CmdFlags::empty());
     let c = h.ok(c);
-    h.sent();
+    h.requests();
     let e = h.error(0, c, errno::ESHUTDOWN, "");
     let d = h.data(DONE, c, 0, &[0; 4096]);
     h.feed(&cat(&[&e, &d[..28]]));
@@ -3220,7 +2603,7 @@ fn unlimited_max_read_limit_does_not_panic() {
     limits.max_read = u64::MAX;
     let mut h = Setup::new(Mode::Structured).limits(limits).connect();
     let c = h.read(0, 512);
-    h.sent();
+    h.requests();
     let r = h.data(DONE, c, 0, &[1; 512]);
     h.feed(&r);
     h.done_ok(c);
@@ -3247,7 +2630,7 @@ fn zero_copy_done_chunk_with_gap_is_fatal() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.conn.read(0, BytesMut::zeroed(8192), CmdFlags::empty());
     let c = h.ok(c);
-    h.sent();
+    h.requests();
     let d = h.data(DONE, c, 4096, &[7; 4096]);
     h.feed(&d[..28]);
     let rb = h.conn.recv_buf();
@@ -3325,7 +2708,7 @@ fn s3_11_impossible_chunk_length_fails_on_the_header() {
         // OFFSET_DATA longer than the read (plus its 8-byte offset).
         let mut h = Setup::new(mode).connect();
         let c = h.read(0, 4096);
-        h.sent();
+        h.requests();
         let mut b = BytesMut::new();
         encode_chunk_header(h.mode, DONE, chunk::OFFSET_DATA, c.0, 0, 4096 + 9, &mut b);
         h.feed(&b);
@@ -3340,7 +2723,7 @@ fn s3_11_impossible_chunk_length_fails_on_the_header() {
         // Any type, a length far past every limit (0xfffffff0).
         let mut h = Setup::new(mode).connect();
         let c = h.flush();
-        h.sent();
+        h.requests();
         let mut b = BytesMut::new();
         encode_chunk_header(h.mode, DONE, chunk::ERROR, c.0, 0, 0xffff_fff0, &mut b);
         h.feed(&b);
@@ -3355,7 +2738,7 @@ fn s3_11_impossible_chunk_length_fails_on_the_header() {
         for (typ, limit) in [(chunk::ERROR, 6 + 4096), (chunk::ERROR_OFFSET, 14 + 4096)] {
             let mut h = Setup::new(mode).connect();
             let c = h.read(0, 4096);
-            h.sent();
+            h.requests();
             let mut b = BytesMut::new();
             encode_chunk_header(h.mode, DONE, typ, c.0, 0, limit + 1, &mut b);
             h.feed(&b);
@@ -3366,7 +2749,7 @@ fn s3_11_impossible_chunk_length_fails_on_the_header() {
         limits.max_extents = 4;
         let mut h = Setup::new(mode).base_allocation(1).limits(limits).connect();
         let c = h.block_status(0, 4096, CmdFlags::empty());
-        h.sent();
+        h.requests();
         let (typ, len) = if mode == Mode::Extended {
             (chunk::BLOCK_STATUS_EXT, 8 + 16 * 5)
         } else {
@@ -3394,7 +2777,7 @@ fn s3_11_impossible_chunk_length_fails_on_the_header() {
 /// ESHUTDOWN after another error was already recorded.
 #[test]
 fn rule_104_eshutdown_on_a_read_sends_disc() {
-    type Reply = fn(&Harness, Cookie) -> Vec<u8>;
+    type Reply = fn(&Pair, Cookie) -> Vec<u8>;
     let simple: Reply = |h, c| h.simple(errno::ESHUTDOWN, c);
     let chunk: Reply = |h, c| h.error(DONE, c, errno::ESHUTDOWN, "bye");
     let offset: Reply = |h, c| {
@@ -3420,18 +2803,18 @@ fn rule_104_eshutdown_on_a_read_sends_disc() {
     for (mode, reply, what) in cases {
         let mut h = Setup::new(mode).connect();
         let c = h.read(0, 4096);
-        h.sent();
+        h.requests();
         let r = reply(&h, c);
         h.feed(&r);
         let e = h.done_err(c);
         assert!(matches!(e, CommandError::Server { .. }), "{what}: {e:?}");
-        let s = h.sent();
+        let s = h.requests();
         assert!(
             s.len() == 1 && s[0].header.typ == cmd::DISC,
             "{what}: expected NBD_CMD_DISC, sent {s:?}"
         );
         h.conn.handle_eof();
-        let ev = h.events();
+        let ev = h.take_events();
         assert!(
             matches!(&ev[..], [Event::Closed(CloseReason::Disconnected)]),
             "{what}: {ev:?}"
@@ -3445,7 +2828,7 @@ fn rule_104_eshutdown_on_a_read_sends_disc() {
 fn protocol_errors_display_what_the_server_sent() {
     let mut h = Setup::new(Mode::Structured).connect();
     let c = h.read(4096, 4096);
-    h.sent();
+    h.requests();
     let r = h.hole(DONE, c, 8191, 2);
     h.feed(&r);
     let e = h.fatal();
