@@ -20,8 +20,8 @@ pub const DEFAULT_MID_MESSAGE_RETRIES: u32 = 16;
 /// and payload each) per system call; what does not fit goes next call.
 const MAX_SLICES: usize = 16;
 
-/// Why the connection ended, as the transport saw it, for the message of
-/// [`nbd_core::CloseReason::Transport`].
+/// The message of [`nbd_core::CloseReason::Transport`] when the server asks
+/// for TLS.
 const NO_TLS: &str = "the server requires TLS, which this client does not implement yet";
 
 /// Counters of the socket calls a connection made, for diagnostics and
@@ -92,8 +92,8 @@ pub enum RecvUntil {
 /// and `nbd_core::Connection`", shared by every adapter.
 ///
 /// An adapter owns a `Connection`, a [`Transport`] and a `Driver`, and on
-/// each readiness report calls [`Driver::send`] and [`Driver::recv`] (or
-/// [`Driver::turn`] for both), drains the core's events, and waits for
+/// each readiness report calls [`Driver::send`] and [`Driver::recv`],
+/// drains the core's events, and waits for
 /// [`Driver::interest`] when neither made progress. After the core ends,
 /// [`Driver::finish`] sends what it queued last and shuts the transport
 /// down; [`Driver::goodbye`] is the polite end for `Drop`.
@@ -324,31 +324,6 @@ impl Driver {
                 }
             }
         }
-        p
-    }
-
-    /// One turn for a readiness report: writes, then (if `readable`) reads
-    /// until the first completions, then writes what the replies queued.
-    /// Then, if the core has ended, [`Driver::finish`].
-    pub fn turn<T: Transport + ?Sized>(
-        &mut self,
-        conn: &mut Connection,
-        t: &mut T,
-        readable: bool,
-        writable: bool,
-        max_writes: u32,
-    ) -> Progress {
-        if writable {
-            self.on_writable();
-        }
-        let mut p = self.send(conn, t, max_writes);
-        if readable {
-            let r = self.recv(conn, t, RecvUntil::Completion);
-            let s = self.send(conn, t, max_writes);
-            p.progressed |= r.progressed | s.progressed;
-            p.more = r.more | s.more;
-        }
-        self.finish(conn, t);
         p
     }
 
