@@ -153,11 +153,6 @@ impl Driver {
         self.mid_message_retries = retries;
     }
 
-    /// True once the transport was shut down after the core ended.
-    pub fn is_shut(&self) -> bool {
-        self.shut
-    }
-
     /// The readiness the connection needs now; `None` once it has ended.
     /// Call it after [`Driver::send`] has flushed what it could: queued
     /// output then means the transport was full.

@@ -14,7 +14,9 @@ use std::os::unix::net::UnixStream;
 /// registration, a tokio reactor). Implement it to run NBD over a stream
 /// the project does not know (a TLS session, a pipe pair, an in-memory
 /// pipe in tests); [`Socket`] is the implementation for Unix and TCP
-/// sockets.
+/// sockets. The driver's methods take `&mut T` for any `T: Transport +
+/// ?Sized`, so a trait object works too (`&mut *boxed` for a
+/// `Box<dyn Transport>`).
 pub trait Transport {
     /// Reads into `buf`; `Ok(0)` means the server closed its end.
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize>;
@@ -38,36 +40,6 @@ pub trait Transport {
     /// out (`Write`, so a server waiting for the client's end-of-file
     /// closes too). Errors are ignored by the driver: the peer may be gone.
     fn shutdown(&mut self, how: Shutdown) -> io::Result<()>;
-}
-
-impl<T: Transport + ?Sized> Transport for &mut T {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (**self).read(buf)
-    }
-    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        (**self).read_vectored(bufs)
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        (**self).write_vectored(bufs)
-    }
-    fn shutdown(&mut self, how: Shutdown) -> io::Result<()> {
-        (**self).shutdown(how)
-    }
-}
-
-impl<T: Transport + ?Sized> Transport for Box<T> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        (**self).read(buf)
-    }
-    fn read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> io::Result<usize> {
-        (**self).read_vectored(bufs)
-    }
-    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        (**self).write_vectored(bufs)
-    }
-    fn shutdown(&mut self, how: Shutdown) -> io::Result<()> {
-        (**self).shutdown(how)
-    }
 }
 
 /// A connected Unix or TCP socket, in non-blocking mode: the transport of
