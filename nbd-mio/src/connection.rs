@@ -214,7 +214,7 @@ impl NbdConnection {
     /// that arrived meanwhile are read, a step at a time, until there are
     /// events again or the socket would block both ways.
     fn step(&mut self) -> bool {
-        while !self.conn.is_finished() {
+        while !self.conn.is_finished() && !self.conn.has_events() {
             let w = self
                 .driver
                 .send(&mut self.conn, &mut self.socket, WRITES_PER_STEP);
@@ -225,10 +225,6 @@ impl NbdConnection {
                     .recv(&mut self.conn, &mut self.socket, RecvUntil::Completion);
                 self.read_more = r.more;
                 progressed |= r.progressed;
-            }
-            self.driver.finish(&mut self.conn, &mut self.socket);
-            if self.conn.has_events() {
-                return true;
             }
             if !progressed && !w.more {
                 break;
