@@ -163,7 +163,9 @@ impl NbdFile {
         let mut b = std::mem::take(&mut self.spare);
         b.clear();
         b.resize(len, 0);
-        self.cur.clear();
+        // The old window becomes the spare buffer; if the read fails, no
+        // window is left.
+        self.spare = std::mem::take(&mut self.cur);
         self.cur_off = pos;
         self.cur = self.client.pread_buf(b, pos, CmdFlags::empty())?;
         Ok(())
