@@ -25,7 +25,7 @@
 //! # fn wait_for(_: &nbd_driver::Socket, _: nbd_driver::Interest) {}
 //! let mut cfg = Config::default();
 //! let mut c = connect("nbd+unix:///?socket=/tmp/nbd.sock", &mut cfg)?;
-//! let mut conn = Connection::new(cfg);
+//! let mut conn = Connection::new(cfg, std::time::Instant::now());
 //! let mut driver = Driver::new(c.target);
 //! loop {
 //!     let w = driver.send(&mut conn, &mut c.socket, u32::MAX);

@@ -114,7 +114,7 @@ impl NbdConnection {
             return Err(Error::Unsupported("TLS is not implemented yet".into()));
         }
         Ok(NbdConnection {
-            conn: Connection::new(cfg),
+            conn: Connection::new(cfg, std::time::Instant::now()),
             socket,
             driver: Driver::new(target),
             token: None,

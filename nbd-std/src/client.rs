@@ -107,7 +107,7 @@ impl Client {
     fn handshake(socket: Socket, target: String, cfg: Config) -> Result<Client> {
         let demux = Demux::with_capacity(cfg.limits.max_in_flight);
         let mut c = Client {
-            conn: Connection::new(cfg),
+            conn: Connection::new(cfg, std::time::Instant::now()),
             socket,
             driver: Driver::new(target),
             demux,
