@@ -300,14 +300,11 @@ impl Connection {
         if self.server_has_turn() {
             match self.handshake_timer {
                 HandshakeTimer::Suspended => {
-                    self.handshake_timer = match self
-                        .cfg
-                        .handshake_timeout
-                        .and_then(|d| now.checked_add(d))
-                    {
-                        Some(at) => HandshakeTimer::Armed(at),
-                        None => HandshakeTimer::Off,
-                    }
+                    self.handshake_timer =
+                        match self.cfg.handshake_timeout.and_then(|d| now.checked_add(d)) {
+                            Some(at) => HandshakeTimer::Armed(at),
+                            None => HandshakeTimer::Off,
+                        }
                 }
                 HandshakeTimer::Armed(at) if at <= now => {
                     let waiting_for = self.waiting_for();

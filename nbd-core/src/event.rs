@@ -325,6 +325,21 @@ impl CloseReason {
     }
 }
 
+impl CloseReason {
+    /// The closest `std::io::ErrorKind`: `InvalidData` when the server
+    /// broke the protocol, `TimedOut` when a deadline passed,
+    /// `NotConnected` otherwise.
+    pub fn io_kind(&self) -> std::io::ErrorKind {
+        match self {
+            CloseReason::Protocol(_) => std::io::ErrorKind::InvalidData,
+            CloseReason::HandshakeTimedOut { .. } | CloseReason::CommandTimedOut { .. } => {
+                std::io::ErrorKind::TimedOut
+            }
+            _ => std::io::ErrorKind::NotConnected,
+        }
+    }
+}
+
 impl std::error::Error for CloseReason {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
@@ -382,7 +397,10 @@ impl fmt::Display for CloseReason {
                 cookie.0
             ),
             CloseReason::AbortedByCaller { reason, lost } => {
-                write!(f, "aborted by the caller: {reason} ({lost} requests in flight failed)")
+                write!(
+                    f,
+                    "aborted by the caller: {reason} ({lost} requests in flight failed)"
+                )
             }
         }
     }
@@ -476,13 +494,6 @@ impl From<CloseReason> for std::io::Error {
     /// `NotConnected` otherwise (the clean ends included: a call that
     /// needed the connection found it closed).
     fn from(r: CloseReason) -> Self {
-        let kind = match r {
-            CloseReason::Protocol(_) => std::io::ErrorKind::InvalidData,
-            CloseReason::HandshakeTimedOut { .. } | CloseReason::CommandTimedOut { .. } => {
-                std::io::ErrorKind::TimedOut
-            }
-            _ => std::io::ErrorKind::NotConnected,
-        };
-        std::io::Error::new(kind, r)
+        std::io::Error::new(r.io_kind(), r)
     }
 }

@@ -1052,13 +1052,23 @@ impl Connection {
         deadline: Option<Instant>,
     ) -> Result<(), UsageError> {
         let x = &mut self.xmit;
-        let slot = x.waiting_slot(cookie).ok_or(UsageError::NotInFlight(cookie))?;
+        let slot = x
+            .waiting_slot(cookie)
+            .ok_or(UsageError::NotInFlight(cookie))?;
         x.slots[slot as usize].req.default_deadline = false;
         match deadline {
             Some(at) => x.deadlines.set(slot, at),
             None => x.deadlines.remove(slot),
         }
         Ok(())
+    }
+
+    /// Sets the default deadline of the commands submitted from now on
+    /// ([`Config::command_timeout`]; `None`: none). Commands already in
+    /// flight keep theirs.
+    pub fn set_command_timeout(&mut self, timeout: Option<Duration>) {
+        self.cfg.command_timeout = timeout;
+        self.xmit.command_timeout = timeout;
     }
 
     /// Cancels an in-flight command: it completes at once, in the next
@@ -1072,7 +1082,9 @@ impl Connection {
     /// event queue).
     pub fn cancel(&mut self, cookie: Cookie) -> Result<(), UsageError> {
         let x = &mut self.xmit;
-        let slot = x.waiting_slot(cookie).ok_or(UsageError::NotInFlight(cookie))?;
+        let slot = x
+            .waiting_slot(cookie)
+            .ok_or(UsageError::NotInFlight(cookie))?;
         let command = command_name(x.slots[slot as usize].req.cmd);
         x.abandon(slot, CommandError::Cancelled { command }, &mut self.events);
         Ok(())

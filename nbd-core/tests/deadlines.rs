@@ -47,7 +47,10 @@ fn a_silent_server_times_out_waiting_for_the_greeting() {
     p.conn.handle_timeout(t0 + 5 * SEC);
     assert_eq!(timed_out_waiting_for(&mut p), "the server's greeting");
     let reason = p.conn.close_reason().unwrap().clone();
-    assert_eq!(reason.to_string(), "timed out waiting for the server's greeting");
+    assert_eq!(
+        reason.to_string(),
+        "timed out waiting for the server's greeting"
+    );
     assert_eq!(
         std::io::Error::from(reason).kind(),
         std::io::ErrorKind::TimedOut
@@ -274,7 +277,9 @@ fn a_timeout_in_the_middle_of_a_read_payload_hands_the_buffer_back() {
 #[test]
 fn late_chunks_and_block_status_of_abandoned_requests_make_no_events() {
     let mut h = Setup::new(Mode::Structured).base_allocation(1).connect();
-    let r = h.conn.read_with_chunks(0, BytesMut::zeroed(1024), CmdFlags::empty());
+    let r = h
+        .conn
+        .read_with_chunks(0, BytesMut::zeroed(1024), CmdFlags::empty());
     let r = h.ok(r);
     let b = h.block_status(0, 4096, CmdFlags::empty());
     h.sent();
@@ -416,10 +421,7 @@ fn the_close_policy_ends_the_connection_on_a_timeout() {
             command: "NBD_CMD_READ"
         }
     );
-    assert!(matches!(
-        h.done_err(b),
-        CommandError::ConnectionClosed(_)
-    ));
+    assert!(matches!(h.done_err(b), CommandError::ConnectionClosed(_)));
     assert_eq!(
         h.closed(),
         Some(&CloseReason::CommandTimedOut {
@@ -538,30 +540,36 @@ fn interleave(mode: Mode, default_timeout: bool, steps: Vec<Step>) {
     // Cookies the caller awaits.
     let mut awaited: Vec<nbd_core::Cookie> = Vec::new();
     let mut numbers = 0u64;
-    let check_events = |h: &mut Pair, awaited: &mut Vec<nbd_core::Cookie>, numbers: &std::collections::HashMap<u64, (u64, u64)>| {
-        for ev in h.take_events() {
-            if let Event::CommandDone {
-                cookie,
-                result,
-                buffer,
-            } = ev
-            {
-                let i = awaited.iter().position(|c| *c == cookie).expect("awaited");
-                awaited.remove(i);
-                if result.is_ok() {
-                    let (n, len) = numbers[&cookie.0];
-                    let buf = buffer.unwrap();
-                    assert_eq!(buf.len() as u64, len);
-                    assert!(buf.iter().enumerate().all(|(i, &b)| b == content(n, i as u64)));
-                } else {
-                    assert!(matches!(
-                        result,
-                        Err(CommandError::TimedOut { .. } | CommandError::Cancelled { .. })
-                    ));
+    let check_events =
+        |h: &mut Pair,
+         awaited: &mut Vec<nbd_core::Cookie>,
+         numbers: &std::collections::HashMap<u64, (u64, u64)>| {
+            for ev in h.take_events() {
+                if let Event::CommandDone {
+                    cookie,
+                    result,
+                    buffer,
+                } = ev
+                {
+                    let i = awaited.iter().position(|c| *c == cookie).expect("awaited");
+                    awaited.remove(i);
+                    if result.is_ok() {
+                        let (n, len) = numbers[&cookie.0];
+                        let buf = buffer.unwrap();
+                        assert_eq!(buf.len() as u64, len);
+                        assert!(buf
+                            .iter()
+                            .enumerate()
+                            .all(|(i, &b)| b == content(n, i as u64)));
+                    } else {
+                        assert!(matches!(
+                            result,
+                            Err(CommandError::TimedOut { .. } | CommandError::Cancelled { .. })
+                        ));
+                    }
                 }
             }
-        }
-    };
+        };
     let mut by_cookie = std::collections::HashMap::new();
     for s in steps {
         match s {
