@@ -96,8 +96,16 @@ impl DeadlineHeap {
         self.sift_down(i);
     }
 
-    /// Removes the deadline of `slot`, if it has one.
+    /// Removes the deadline of `slot`, if it has one. Free when no
+    /// deadline is set at all (the common case: every completion calls it).
+    #[inline]
     pub(crate) fn remove(&mut self, slot: u32) {
+        if !self.heap.is_empty() {
+            self.remove_slow(slot);
+        }
+    }
+
+    fn remove_slow(&mut self, slot: u32) {
         let s = slot as usize;
         let Some(&i) = self.pos.get(s) else {
             return;
