@@ -38,11 +38,28 @@ pub enum ConnectError {
 
 /// A connected socket and what it was opened to, for messages.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Connected {
     /// The socket, in non-blocking mode (`TCP_NODELAY` on TCP).
     pub socket: Socket,
-    /// The URI, path or address that was connected to.
+    /// The URI, path, address or command line that was connected to.
     pub target: String,
+    /// The server process, when the client started it
+    /// ([`crate::connect_command`], [`crate::connect_socket_activation`]):
+    /// keep it for as long as the connection and drop it after the
+    /// socket; its drop stops and reaps the server.
+    pub process: Option<crate::process::Subprocess>,
+}
+
+impl Connected {
+    /// A connection to `target` over `socket`, with no server process.
+    pub fn new(socket: Socket, target: impl Into<String>) -> Connected {
+        Connected {
+            socket,
+            target: target.into(),
+            process: None,
+        }
+    }
 }
 
 /// Connects to `target`: an NBD URI (`nbd://`, `nbd+unix://`; its export
@@ -54,10 +71,7 @@ pub fn connect(target: &str, cfg: &mut Config) -> Result<Connected, ConnectError
         connect_uri(target, cfg)
     } else {
         let socket = connect_unix(Path::new(target))?;
-        Ok(Connected {
-            socket,
-            target: target.to_owned(),
-        })
+        Ok(Connected::new(socket, target))
     }
 }
 
@@ -85,10 +99,7 @@ pub fn connect_uri(uri: &str, cfg: &mut Config) -> Result<Connected, ConnectErro
         }
     };
     cfg.export_name = u.export_name;
-    Ok(Connected {
-        socket,
-        target: uri.to_owned(),
-    })
+    Ok(Connected::new(socket, uri))
 }
 
 /// Connects to a Unix domain socket. A leading NUL byte names the Linux

@@ -9,7 +9,7 @@ use nbd_core::{
     BlockSize, CloseReason, CmdFlags, Config, Connection, Cookie, Event, ExportInfo, Extent,
     OptionKind, Phase, Protocol, ReadChunkKind, UsageError,
 };
-use nbd_driver::{Completion, Demux, Driver, RecvUntil, Socket};
+use nbd_driver::{Completion, Connected, Demux, Driver, RecvUntil, Socket, Subprocess};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::error::{Error, Result};
@@ -59,6 +59,9 @@ pub struct Client {
     went: bool,
     unsupported: Option<String>,
     spare: Option<BytesMut>,
+    /// The server process this client started, if any: declared after
+    /// `socket`, so the socket closes first and the server can exit.
+    process: Option<Subprocess>,
 }
 
 impl Client {
@@ -76,7 +79,7 @@ impl Client {
     pub fn connect(target: &str, mut cfg: Config) -> Result<Client> {
         let start = Instant::now();
         let c = nbd_driver::connect(target, &mut cfg)?;
-        Client::handshake(c.socket, c.target, cfg, start)
+        Client::handshake_connected(c, cfg, start)
     }
 
     /// Connects to an NBD URI (the export name comes from the URI) and runs
@@ -86,7 +89,7 @@ impl Client {
     pub fn connect_uri(uri: &str, mut cfg: Config) -> Result<Client> {
         let start = Instant::now();
         let c = nbd_driver::connect_uri(uri, &mut cfg)?;
-        Client::handshake(c.socket, c.target, cfg, start)
+        Client::handshake_connected(c, cfg, start)
     }
 
     /// Connects to a Unix domain socket (a leading NUL byte names a Linux
@@ -119,9 +122,69 @@ impl Client {
         Client::handshake(s, "socket".into(), cfg, Instant::now())
     }
 
+    /// Runs an NBD client over a connected stream socket given as a file
+    /// descriptor (Unix or TCP; libnbd's `nbd_connect_socket`); the client
+    /// owns it from now on.
+    pub fn connect_fd(fd: std::os::fd::OwnedFd, cfg: Config) -> Result<Client> {
+        let s = Socket::from_fd(fd).map_err(|e| Error::Io {
+            context: "adopt socket".into(),
+            source: e,
+        })?;
+        let target = s.peer_description();
+        Client::handshake(s, target, cfg, Instant::now())
+    }
+
+    /// Starts `argv` (program and arguments) as a server speaking NBD on
+    /// its stdin and stdout, such as `["nbdkit", "-s", "memory", "1M"]`,
+    /// and runs the handshake over a socket pair (libnbd's
+    /// `nbd_connect_command`). The server is stopped and reaped when the
+    /// client is dropped ([`nbd_driver::Subprocess`]).
+    pub fn connect_command(argv: &[impl AsRef<std::ffi::OsStr>], cfg: Config) -> Result<Client> {
+        let start = Instant::now();
+        let c = nbd_driver::connect_command(argv)?;
+        Client::handshake_connected(c, cfg, start)
+    }
+
+    /// Starts `argv` with systemd socket activation (a listening socket
+    /// as fd 3, `LISTEN_PID`, `LISTEN_FDS=1`), as libnbd's
+    /// `nbd_connect_systemd_socket_activation` does, for servers such as
+    /// `["qemu-nbd", "-f", "raw", "disk.img"]` or `["nbdkit", "memory",
+    /// "1M"]`, and runs the handshake. The server is stopped and reaped
+    /// when the client is dropped.
+    pub fn connect_systemd_socket_activation(
+        argv: &[impl AsRef<std::ffi::OsStr>],
+        cfg: Config,
+    ) -> Result<Client> {
+        let start = Instant::now();
+        let c = nbd_driver::connect_socket_activation(argv, None)?;
+        Client::handshake_connected(c, cfg, start)
+    }
+
+    /// The process ID of the server this client started
+    /// ([`Client::connect_command`],
+    /// [`Client::connect_systemd_socket_activation`]), if any.
+    pub fn subprocess_pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Subprocess::pid)
+    }
+
+    fn handshake_connected(c: Connected, cfg: Config, start: Instant) -> Result<Client> {
+        let mut process = c.process;
+        Client::handshake_with(c.socket, c.target, cfg, start, &mut process)
+    }
+
+    fn handshake(socket: Socket, target: String, cfg: Config, start: Instant) -> Result<Client> {
+        Client::handshake_with(socket, target, cfg, start, &mut None)
+    }
+
     /// `start`: when the connect began, which the handshake deadline
     /// counts from.
-    fn handshake(socket: Socket, target: String, cfg: Config, start: Instant) -> Result<Client> {
+    fn handshake_with(
+        socket: Socket,
+        target: String,
+        cfg: Config,
+        start: Instant,
+        process: &mut Option<Subprocess>,
+    ) -> Result<Client> {
         let demux = Demux::with_capacity(cfg.limits.max_in_flight);
         let deadline = cfg.handshake_timeout.and_then(|d| start.checked_add(d));
         let mut conn = Connection::new(cfg, Instant::now());
@@ -137,6 +200,7 @@ impl Client {
             went: false,
             unsupported: None,
             spare: None,
+            process: process.take(),
         };
         let r = c.run_until(|c| c.conn.phase() != Phase::Connecting);
         // A server may close right after GO (the export is known by then):
