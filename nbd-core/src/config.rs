@@ -1,7 +1,14 @@
 //! What the client asks for and how much it trusts the server: negotiation
-//! settings, strict-mode switches and memory limits.
+//! settings, strict-mode switches, memory limits and timeouts.
+
+use std::time::Duration;
 
 use crate::consts::{client_flags, CONTEXT_BASE_ALLOCATION};
+pub use crate::deadline::TimeoutPolicy;
+
+/// The default [`Config::handshake_timeout`]: generous for a server across
+/// the world doing TLS, short enough that a silent server is noticed.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether to use TLS (the TLS itself is done by the adapter when the core
 /// emits [`crate::Event::StartTls`]).
@@ -153,7 +160,7 @@ impl Default for Limits {
 /// let mut cfg = nbd_core::Config::default();
 /// cfg.opt_mode = true;
 /// cfg.export_name = "disk".into();
-/// let conn = nbd_core::Connection::new(cfg);
+/// let conn = nbd_core::Connection::new(cfg, std::time::Instant::now());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -184,6 +191,27 @@ pub struct Config {
     pub strict: Strict,
     /// Memory limits.
     pub limits: Limits,
+    /// How long connecting may take, from [`crate::Connection::new`] to
+    /// the transmission phase: the greeting, every option, TLS (see
+    /// [`crate::Connection::set_handshake_deadline`] to include the time
+    /// spent before the core existed, such as the TCP connect). Only the
+    /// time the server has the turn counts: in option mode the clock stops
+    /// while the caller decides, and each option the caller sends gets the
+    /// full timeout again. When it passes, the connection ends with
+    /// [`crate::CloseReason::HandshakeTimedOut`], naming what it was
+    /// waiting for. Default 30 s (libnbd has none: a server that accepts
+    /// and never speaks blocks it forever); `None` waits forever.
+    pub handshake_timeout: Option<Duration>,
+    /// Deadline of every command, from its submission (more precisely,
+    /// from the first time the adapter passes in after it, which adapters
+    /// do at once). Default `None`: a trim or a cache of a large range
+    /// may legitimately take long. Set one command's deadline with
+    /// [`crate::Connection::set_deadline`]; what happens when it passes is
+    /// [`Config::on_command_timeout`].
+    pub command_timeout: Option<Duration>,
+    /// What a missed command deadline does: fail that command and keep the
+    /// connection (the default), or end the connection.
+    pub on_command_timeout: TimeoutPolicy,
 }
 
 impl Default for Config {
@@ -201,6 +229,9 @@ impl Default for Config {
             tls: TlsMode::Disable,
             strict: Strict::ALL,
             limits: Limits::default(),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            command_timeout: None,
+            on_command_timeout: TimeoutPolicy::FailCommand,
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nbd_core::{
@@ -10,7 +11,7 @@ use nbd_core::{
     OptionKind, Phase, Protocol, ReadChunkKind, UsageError,
 };
 use nbd_driver::{Completion, Demux, Driver, RecvUntil, Socket};
-use rustix::event::{poll, PollFd, PollFlags};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::error::{Error, Result};
 
@@ -82,33 +83,47 @@ impl Client {
     /// socket path, and runs the handshake (to the transmission phase, or
     /// to option mode with [`Config::opt_mode`]). The URI's export name
     /// overrides `cfg.export_name`.
+    ///
+    /// [`Config::handshake_timeout`] (30 s by default) bounds the whole
+    /// call, the TCP connect included; when it passes the call fails with
+    /// [`Error::Closed`] carrying
+    /// [`CloseReason::HandshakeTimedOut`] (or an [`Error::Io`] of kind
+    /// `TimedOut` from the TCP connect), and [`Error::io_kind`] is
+    /// `TimedOut` either way.
     pub fn connect(target: &str, mut cfg: Config) -> Result<Client> {
+        let start = Instant::now();
         let c = nbd_driver::connect(target, &mut cfg)?;
-        Client::handshake(c.socket, c.target, cfg)
+        Client::handshake(c.socket, c.target, cfg, start)
     }
 
     /// Connects to an NBD URI (the export name comes from the URI) and runs
-    /// the handshake. TLS URIs are refused with [`Error::Unsupported`]
+    /// the handshake, within [`Config::handshake_timeout`] as
+    /// [`Client::connect`]. TLS URIs are refused with [`Error::Unsupported`]
     /// before anything is sent.
     pub fn connect_uri(uri: &str, mut cfg: Config) -> Result<Client> {
+        let start = Instant::now();
         let c = nbd_driver::connect_uri(uri, &mut cfg)?;
-        Client::handshake(c.socket, c.target, cfg)
+        Client::handshake(c.socket, c.target, cfg, start)
     }
 
     /// Connects to a Unix domain socket (a leading NUL byte names a Linux
-    /// abstract socket) and runs the handshake.
+    /// abstract socket) and runs the handshake, within
+    /// [`Config::handshake_timeout`].
     pub fn connect_unix(path: impl AsRef<Path>, cfg: Config) -> Result<Client> {
+        let start = Instant::now();
         let path = path.as_ref();
         let s = nbd_driver::connect_unix(path)?;
-        Client::handshake(s, path.display().to_string(), cfg)
+        Client::handshake(s, path.display().to_string(), cfg, start)
     }
 
     /// Connects over TCP, trying every address `addr` resolves to (with
-    /// `TCP_NODELAY`), and runs the handshake.
+    /// `TCP_NODELAY`), and runs the handshake, all within
+    /// [`Config::handshake_timeout`].
     pub fn connect_tcp(addr: impl std::net::ToSocketAddrs, cfg: Config) -> Result<Client> {
-        let s = nbd_driver::connect_tcp(addr)?;
+        let start = Instant::now();
+        let s = nbd_driver::connect::connect_tcp_within(addr, cfg.handshake_timeout)?;
         let target = s.peer_description();
-        Client::handshake(s, target, cfg)
+        Client::handshake(s, target, cfg, start)
     }
 
     /// Runs an NBD client over an already connected Unix stream (for
@@ -118,13 +133,18 @@ impl Client {
             context: "set_nonblocking".into(),
             source: e,
         })?;
-        Client::handshake(s, "socket".into(), cfg)
+        Client::handshake(s, "socket".into(), cfg, Instant::now())
     }
 
-    fn handshake(socket: Socket, target: String, cfg: Config) -> Result<Client> {
+    /// `start`: when the connect began, which the handshake deadline
+    /// counts from.
+    fn handshake(socket: Socket, target: String, cfg: Config, start: Instant) -> Result<Client> {
         let demux = Demux::with_capacity(cfg.limits.max_in_flight);
+        let deadline = cfg.handshake_timeout.and_then(|d| start.checked_add(d));
+        let mut conn = Connection::new(cfg, Instant::now());
+        conn.set_handshake_deadline(deadline);
         let mut c = Client {
-            conn: Connection::new(cfg),
+            conn,
             socket,
             driver: Driver::new(target),
             demux,
@@ -172,6 +192,64 @@ impl Client {
         &self.conn
     }
 
+    // ----- deadlines and cancellation -----
+
+    /// Sets the deadline of every command submitted from now on (`None`:
+    /// no deadline, the default), replacing [`Config::command_timeout`].
+    /// A blocking command that misses it fails with
+    /// [`nbd_core::CommandError::TimedOut`] ([`Error::io_kind`] `TimedOut`)
+    /// and the connection stays usable; an aio command completes with that
+    /// error. The server may still carry out a command that timed out (a
+    /// write may be applied later); its late reply is dropped. To end the
+    /// connection on a timeout instead, set [`Config::on_command_timeout`].
+    pub fn set_command_timeout(&mut self, timeout: Option<Duration>) {
+        self.conn.set_command_timeout(timeout);
+    }
+
+    /// Gives one aio command a deadline (`None` removes it). Fails with
+    /// [`UsageError::NotInFlight`] once the command completed.
+    pub fn aio_set_deadline(&mut self, cookie: Cookie, deadline: Option<Instant>) -> Result<()> {
+        Ok(self.conn.set_deadline(cookie, deadline)?)
+    }
+
+    /// Cancels an aio command: it completes at once with
+    /// [`nbd_core::CommandError::Cancelled`] (retire it with
+    /// [`Client::aio_command_completed`] or [`Client::wait`]), its buffer
+    /// comes back in the [`Completion`], and the server's late reply is
+    /// dropped. The server may still carry the command out. Fails with
+    /// [`UsageError::NotInFlight`] once the command completed.
+    pub fn aio_cancel(&mut self, cookie: Cookie) -> Result<()> {
+        self.conn.cancel(cookie)?;
+        self.dispatch();
+        Ok(())
+    }
+
+    /// Ends the connection at once, without a goodbye: every command in
+    /// flight completes with [`nbd_core::CommandError::ConnectionClosed`]
+    /// and later calls fail with [`Error::Closed`]
+    /// ([`CloseReason::AbortedByCaller`]). For giving up on a server that
+    /// stopped answering; the polite end is [`Client::shutdown`].
+    pub fn abort(&mut self, reason: &str) {
+        self.conn.abort(reason);
+        self.dispatch();
+        self.driver.finish(&mut self.conn, &mut self.socket);
+    }
+
+    /// Acts on the deadlines that are due (reads the clock only when one is
+    /// pending); true if that was done, so the caller's condition may hold
+    /// now.
+    fn tick(&mut self) -> bool {
+        if let Some(due) = self.conn.poll_timeout() {
+            let now = Instant::now();
+            if due <= now {
+                self.conn.handle_timeout(now);
+                self.dispatch();
+                return true;
+            }
+        }
+        false
+    }
+
     // ----- the I/O loop -----
 
     fn check_open(&self) -> Result<()> {
@@ -187,14 +265,20 @@ impl Client {
     }
 
     /// Sends what is queued, reads what arrived, and handles events; blocks
-    /// in poll(2) only if nothing could be done and `block` is set.
-    fn pump(&mut self, block: bool) -> Result<()> {
-        self.pump_reads(block, READS_PER_TURN)
+    /// in poll(2) only if nothing could be done and `block` is set, and
+    /// then not past the next deadline of the core or `until`.
+    fn pump(&mut self, block: bool, until: Option<Instant>) -> Result<()> {
+        self.pump_reads(block, until, READS_PER_TURN)
     }
 
     /// [`Client::pump`] with at most `reads` socket reads before the events
     /// are handled.
-    fn pump_reads(&mut self, block: bool, reads: u32) -> Result<()> {
+    fn pump_reads(&mut self, block: bool, until: Option<Instant>, reads: u32) -> Result<()> {
+        if self.tick() {
+            // A deadline passed: let the caller look before any wait.
+            self.driver.finish(&mut self.conn, &mut self.socket);
+            return Ok(());
+        }
         let w = self.driver.send(&mut self.conn, &mut self.socket, u32::MAX);
         let r = self
             .driver
@@ -214,9 +298,26 @@ impl Client {
         if interest.write {
             flags |= PollFlags::OUT;
         }
+        let due = match (self.conn.poll_timeout(), until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = match due {
+            Some(due) => match due.checked_duration_since(Instant::now()) {
+                // Round up: waking a little early would spin.
+                Some(d) if !d.is_zero() => Some(
+                    Timespec::try_from(d + Duration::from_micros(999)).unwrap_or(Timespec {
+                        tv_sec: i64::MAX,
+                        tv_nsec: 0,
+                    }),
+                ),
+                _ => return Ok(()), // due now: the caller's loop ticks
+            },
+            None => None,
+        };
         self.driver.count_wait();
         let mut fds = [PollFd::new(&self.socket, flags)];
-        match poll(&mut fds, None) {
+        match poll(&mut fds, timeout.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {
                 if fds[0]
                     .revents()
@@ -275,7 +376,18 @@ impl Client {
         }
     }
 
-    fn run_until(&mut self, mut f: impl FnMut(&Client) -> bool) -> Result<()> {
+    fn run_until(&mut self, f: impl FnMut(&Client) -> bool) -> Result<()> {
+        self.run_until_by(None, f)
+    }
+
+    /// [`Client::run_until`], giving up at `until` (the core's own
+    /// deadlines apply either way): the connection is then aborted and the
+    /// result is [`Error::Closed`] with [`CloseReason::AbortedByCaller`].
+    fn run_until_by(
+        &mut self,
+        until: Option<Instant>,
+        mut f: impl FnMut(&Client) -> bool,
+    ) -> Result<()> {
         loop {
             // Events a command queued without I/O (a repeated
             // STRUCTURED_REPLY / EXTENDED_HEADERS succeeds at once) must be
@@ -292,7 +404,12 @@ impl Client {
                         .unwrap_or(CloseReason::Aborted),
                 )));
             }
-            self.pump(true)?;
+            if until.is_some_and(|t| t <= Instant::now()) {
+                self.abort("timed out waiting for the server to finish");
+                let reason = self.conn.close_reason().cloned();
+                return Err(Error::Closed(reason.unwrap_or(CloseReason::Aborted)));
+            }
+            self.pump(true, until)?;
         }
     }
 
@@ -322,7 +439,7 @@ impl Client {
         if r.is_err() {
             // An older server may hang up right after a failure: notice it now
             // if it already did.
-            let _ = self.pump(false);
+            let _ = self.pump(false, None);
         }
         r
     }
@@ -383,7 +500,7 @@ impl Client {
             return Ok(());
         }
         let r = self.opt_result.take();
-        let _ = self.pump(false);
+        let _ = self.pump(false, None);
         match r {
             Some(Err(e)) => Err(e),
             _ => self.check_open(),
@@ -398,16 +515,17 @@ impl Client {
     pub fn opt_abort(&mut self) -> Result<()> {
         self.refuse_if_ended()?;
         self.conn.opt_abort()?;
-        self.finish_writes();
-        let _ = self.run_until(|c| c.conn.is_finished());
+        let until = self.goodbye_deadline();
+        self.finish_writes_by(until);
+        let _ = self.run_until_by(until, |c| c.conn.is_finished());
         self.check_open()
     }
 
     /// After `NBD_CMD_DISC` or `NBD_OPT_ABORT`: sends what is queued, then
     /// shuts the socket down for writing (as libnbd does), so a server that
     /// waits for the client's EOF cannot leave the wait for its close hanging.
-    fn finish_writes(&mut self) {
-        let _ = self.run_until(|c| !c.conn.wants_write() || c.conn.is_finished());
+    fn finish_writes_by(&mut self, until: Option<Instant>) {
+        let _ = self.run_until_by(until, |c| !c.conn.wants_write() || c.conn.is_finished());
         self.driver.shutdown_write(&self.conn, &mut self.socket);
     }
 
@@ -689,7 +807,7 @@ impl Client {
 
     /// Makes progress: sends, receives, and blocks until something happens.
     pub fn poll(&mut self) -> Result<()> {
-        self.pump(true)?;
+        self.pump(true, None)?;
         self.check_open()
     }
 
@@ -802,7 +920,7 @@ impl Client {
             }
             // One socket read a turn: the events waiting for `chunk` are
             // then those of at most one receive buffer.
-            if let Err(e) = self.pump_reads(true, 1) {
+            if let Err(e) = self.pump_reads(true, None, 1) {
                 break Err(e);
             }
         };
@@ -923,7 +1041,13 @@ impl Client {
         match self.conn.phase() {
             Phase::Negotiating => self.opt_abort(),
             Phase::Ready => {
-                self.run_until(|c| c.conn.in_flight() == 0)?;
+                // Replies to requests in flight, then the server's close, are
+                // awaited for at most the handshake timeout (spec, "Terminating
+                // the transmission phase": the client SHOULD wait for them
+                // before NBD_CMD_DISC; an abandoned request's reply may
+                // never come).
+                let until = self.goodbye_deadline();
+                self.run_until_by(until, |c| c.conn.in_flight() == 0)?;
                 // The core may have sent NBD_CMD_DISC already (rule 104:
                 // soft disconnect after an ESHUTDOWN reply); then only the
                 // server's close is awaited.
@@ -931,12 +1055,21 @@ impl Client {
                     Ok(()) | Err(UsageError::WrongPhase { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
-                self.finish_writes();
-                let _ = self.run_until(|c| c.conn.is_finished());
+                self.finish_writes_by(until);
+                let _ = self.run_until_by(until, |c| c.conn.is_finished());
                 self.shutdown_result()
             }
             _ => self.shutdown_result(),
         }
+    }
+
+    /// How long a polite end may wait for the server: the handshake
+    /// timeout, from now.
+    fn goodbye_deadline(&self) -> Option<Instant> {
+        self.conn
+            .config()
+            .handshake_timeout
+            .and_then(|d| Instant::now().checked_add(d))
     }
 
     fn shutdown_result(&self) -> Result<()> {

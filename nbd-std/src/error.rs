@@ -65,7 +65,7 @@ impl Error {
             Error::Usage(_) | Error::Uri(_) => K::InvalidInput,
             Error::Option { error, .. } => error.reply.io_kind(),
             Error::Command(e) => e.io_kind(),
-            Error::Closed(_) => K::NotConnected,
+            Error::Closed(r) => r.io_kind(),
             Error::Io { source, .. } => source.kind(),
             Error::Unsupported(_) => K::Unsupported,
         }
