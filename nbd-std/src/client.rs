@@ -1,6 +1,7 @@
 //! [`Client`]: one NBD connection over a Unix or TCP socket, driven by
 //! `nbd-core`, with libnbd's blocking API and a pipelined (aio) API.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,22 @@ pub struct Client {
     /// The server process this client started, if any: declared after
     /// `socket`, so the socket closes first and the server can exit.
     process: Option<Subprocess>,
+    /// Chunk callbacks of structured reads in flight (`aio_pread_structured`).
+    chunk_fns: HashMap<Cookie, ChunkFn>,
+    /// The structured read a blocking `pread_structured` waits for, and its
+    /// chunks reported since the caller's callback last ran (at most one
+    /// turn of the I/O loop's worth).
+    own_read: Option<Cookie>,
+    own_chunks: Vec<(u64, u64, ReadChunkKind)>,
+}
+
+/// A chunk callback of [`Client::aio_pread_structured`].
+struct ChunkFn(Box<dyn FnMut(u64, u64, ReadChunkKind) + Send>);
+
+impl std::fmt::Debug for ChunkFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkFn")
+    }
 }
 
 impl Client {
@@ -201,6 +218,9 @@ impl Client {
             unsupported: None,
             spare: None,
             process: process.take(),
+            chunk_fns: HashMap::new(),
+            own_read: None,
+            own_chunks: Vec::new(),
         };
         let r = c.run_until(|c| c.conn.phase() != Phase::Connecting);
         // A server may close right after GO (the export is known by then):
@@ -312,17 +332,21 @@ impl Client {
     /// in poll(2) only if nothing could be done and `block` is set, and
     /// then not past the next deadline of the core or `until`.
     fn pump(&mut self, block: bool, until: Option<Instant>) -> Result<()> {
+        self.pump_reads(block, until, READS_PER_TURN)
+    }
+
+    /// [`Client::pump`] with at most `reads` socket reads before the events
+    /// are handled.
+    fn pump_reads(&mut self, block: bool, until: Option<Instant>, reads: u32) -> Result<()> {
         if self.tick() {
             // A deadline passed: let the caller look before any wait.
             self.driver.finish(&mut self.conn, &mut self.socket);
             return Ok(());
         }
         let w = self.driver.send(&mut self.conn, &mut self.socket, u32::MAX);
-        let r = self.driver.recv(
-            &mut self.conn,
-            &mut self.socket,
-            RecvUntil::Reads(READS_PER_TURN),
-        );
+        let r = self
+            .driver
+            .recv(&mut self.conn, &mut self.socket, RecvUntil::Reads(reads));
         self.dispatch();
         self.driver.finish(&mut self.conn, &mut self.socket);
         if w.progressed || r.progressed || r.more || !block {
@@ -376,10 +400,19 @@ impl Client {
 
     fn dispatch(&mut self) {
         while let Some(ev) = self.conn.poll_event() {
+            if let Event::CommandDone { cookie, .. } = &ev {
+                self.chunk_fns.remove(cookie);
+            }
             let Some(ev) = self.demux.handle(ev) else {
                 continue;
             };
             match ev {
+                Event::ReadChunk {
+                    cookie,
+                    offset,
+                    length,
+                    kind,
+                } => self.deliver_chunk(cookie, offset, length, kind),
                 Event::ExportListed { name, description } => self.listed.push((name, description)),
                 Event::MetaContext { name, .. } => self.contexts.push(name),
                 Event::OptionSucceeded(k) => self.opt_result = Some(Ok(k)),
@@ -394,6 +427,16 @@ impl Client {
                 Event::GoSucceeded(_) => self.went = true,
                 _ => {}
             }
+        }
+    }
+
+    /// Hands a read chunk to its read's callback, or to the blocking
+    /// `pread_structured` waiting for it; nothing else keeps it.
+    fn deliver_chunk(&mut self, cookie: Cookie, offset: u64, length: u64, kind: ReadChunkKind) {
+        if let Some(f) = self.chunk_fns.get_mut(&cookie) {
+            (f.0)(offset, length, kind);
+        } else if self.own_read == Some(cookie) {
+            self.own_chunks.push((offset, length, kind));
         }
     }
 
@@ -711,12 +754,36 @@ impl Client {
             .map_err(UsageError::from)?)
     }
 
-    /// Queues a read that also reports every structured chunk.
+    /// Queues a read that also reports every structured chunk to `chunk`
+    /// as `(offset, length, kind)`, in arrival order (libnbd's
+    /// `aio_pread_structured` with its chunk callback): an error chunk as
+    /// [`ReadChunkKind::Error`] with length 0 at its offset (the request's
+    /// offset if it named none). `chunk` is called from the I/O loop of
+    /// whichever call makes progress ([`Client::wait`], [`Client::poll`],
+    /// ...), as each chunk's header arrives: the data is in the buffer once
+    /// the [`Completion`] comes. It is dropped when the read completes.
+    ///
+    /// Nothing is kept per chunk: a read answered as one chunk per byte
+    /// costs the client what one answered in one chunk does, besides the
+    /// chunks of one turn of the I/O loop (up to 16 socket reads of at most
+    /// 256 KiB) waiting for `chunk`. What `chunk` keeps is up to it.
     ///
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
     pub fn aio_pread_structured(
+        &mut self,
+        buf: BytesMut,
+        offset: u64,
+        flags: CmdFlags,
+        chunk: impl FnMut(u64, u64, ReadChunkKind) + Send + 'static,
+    ) -> Result<Cookie> {
+        let cookie = self.queue_structured_read(buf, offset, flags)?;
+        self.chunk_fns.insert(cookie, ChunkFn(Box::new(chunk)));
+        Ok(cookie)
+    }
+
+    fn queue_structured_read(
         &mut self,
         buf: BytesMut,
         offset: u64,
@@ -870,8 +937,19 @@ impl Client {
         Ok(c.buffer.unwrap_or_default())
     }
 
-    /// Reads with structured-reply details: returns the chunks seen as
-    /// (offset, length, kind), in arrival order (libnbd's `pread_structured`).
+    /// Reads `buf.len()` bytes at `offset` with structured-reply details
+    /// (libnbd's `pread_structured`): `chunk` is called with each chunk as
+    /// `(offset, length, kind)`, in arrival order, while the call waits;
+    /// an error chunk comes as [`ReadChunkKind::Error`] with length 0 at
+    /// its offset (the request's offset if it named none). `buf` holds the
+    /// data once the call returns `Ok`.
+    ///
+    /// Nothing is kept per chunk: besides the read's buffer, the client
+    /// holds the chunks of one socket read (at most 256 KiB of input, so at
+    /// most about 10,000 chunks of 26 bytes or more) until `chunk` has seen
+    /// them, however many chunks the server splits the read into. A read of
+    /// 2 MiB sent as 2^21 one-byte chunks costs about what one sent in one
+    /// chunk does.
     ///
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
@@ -881,16 +959,49 @@ impl Client {
         buf: &mut [u8],
         offset: u64,
         flags: CmdFlags,
-    ) -> Result<Vec<(u64, u64, ReadChunkKind)>> {
-        let mut b = BytesMut::zeroed(buf.len());
-        b.truncate(buf.len());
-        let cookie = self.aio_pread_structured(b, offset, flags)?;
-        let c = self.wait(cookie)?;
-        if let (Ok(()), Some(b)) = (&c.result, &c.buffer) {
-            buf.copy_from_slice(&b[..buf.len()]);
+        mut chunk: impl FnMut(u64, u64, ReadChunkKind),
+    ) -> Result<()> {
+        let mut b = self.spare.take().unwrap_or_default();
+        b.resize(buf.len(), 0);
+        let cookie = self.queue_structured_read(b, offset, flags)?;
+        self.own_read = Some(cookie);
+        self.own_chunks.clear();
+        let r = loop {
+            self.dispatch();
+            for (o, l, k) in self.own_chunks.drain(..) {
+                chunk(o, l, k);
+            }
+            if self.demux.is_done(cookie) {
+                break Ok(());
+            }
+            if self.conn.is_finished() {
+                break self.check_open().and(Err(Error::Closed(
+                    self.conn
+                        .close_reason()
+                        .cloned()
+                        .unwrap_or(CloseReason::Aborted),
+                )));
+            }
+            // One socket read a turn: the events waiting for `chunk` are
+            // then those of at most one receive buffer.
+            if let Err(e) = self.pump_reads(true, None, 1) {
+                break Err(e);
+            }
+        };
+        self.own_read = None;
+        // Keep the capacity of a few chunks, not of a hostile turn's worth.
+        self.own_chunks.clear();
+        self.own_chunks.shrink_to(4096);
+        let Some(c) = self.demux.take(cookie) else {
+            return Err(r.err().unwrap_or(Error::Closed(CloseReason::Aborted)));
+        };
+        if let Some(b) = c.buffer {
+            if c.result.is_ok() {
+                buf.copy_from_slice(&b[..buf.len()]);
+            }
+            self.spare = Some(b);
         }
-        c.result.map_err(Error::from)?;
-        Ok(c.chunks)
+        c.result.map_err(Error::from)
     }
 
     /// Writes `buf` at `offset`.
