@@ -119,14 +119,7 @@ pub fn connect_unix(path: &Path) -> Result<Socket, ConnectError> {
 /// (IPv6 and IPv4 of one name, say) until one accepts; the error names the
 /// last address tried. Sets `TCP_NODELAY` and non-blocking mode.
 pub fn connect_tcp(addr: impl ToSocketAddrs) -> Result<Socket, ConnectError> {
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| ConnectError::Io {
-            context: "resolve".into(),
-            source: e,
-        })?
-        .collect();
-    connect_tcp_addrs(&addrs)
+    connect_tcp_within(addr, None)
 }
 
 /// Like [`connect_tcp`], giving up after `timeout` in all (`None`: the
