@@ -32,7 +32,7 @@ for t in $targets; do
     mkdir -p "$scratch/$t" "corpus/seed/$t"
     args=(-max_total_time="$secs" -timeout=10 -rss_limit_mb=1024 -malloc_limit_mb=512 -print_final_stats=1)
     case "$t" in
-        state_machine | wire_reply | wire_option | wire_handshake) args+=(-dict=nbd.dict) ;;
+        state_machine | negotiation | wire_reply | wire_option | wire_handshake) args+=(-dict=nbd.dict) ;;
     esac
     echo "=== $t: ${secs}s"
     if cargo fuzz run "$t" "$scratch/$t" "corpus/seed/$t" -- "${args[@]}" \

@@ -626,6 +626,58 @@ fn synthetic_seeds(dir: &Path) {
         push_frame(&mut seed, &synthetic_replies(mode));
         nbd_fuzz::run_state_machine(&seed);
         save(&dir, name, &seed);
+        if mode != HeaderMode::Structured {
+            continue;
+        }
+        // The same replies with the virtual clock, deadlines and cancel
+        // (`-clock`), a missed deadline ending the connection
+        // (`-clock-close`), and an abort after the negotiation frame
+        // (byte 1 = 0x5e: 0x5e % 8 = 6, so the split seed is changed to 1).
+        let variants = [
+            ("synthetic-structured-clock", true, false, None, 0x06),
+            ("synthetic-structured-clock-close", true, true, None, 0x05),
+            ("synthetic-structured-abort", false, false, Some(1), 0x0f),
+        ];
+        for (name, clock, close, abort, split) in variants {
+            let mut s = setup(AUTO);
+            s.clock = clock;
+            s.close_on_timeout = close;
+            s.abort_at = abort;
+            let mut seed = s.to_header([0x59, 0xed, split]).to_vec();
+            push_frame(&mut seed, &greeting);
+            push_frame(&mut seed, &negotiation);
+            push_frame(&mut seed, &synthetic_replies(mode));
+            nbd_fuzz::run_state_machine(&seed);
+            save(&dir, name, &seed);
+        }
+        // Hostile replies at the harness's limits (`nbd_fuzz::limits`):
+        // error chunks without the done flag past `max_error_chunks`, and
+        // a block status chunk one extent past `max_extent_bytes`.
+        let mut flood = Vec::new();
+        for _ in 0..=nbd_fuzz::limits().max_error_chunks {
+            flood.extend(chunk_msg(
+                mode,
+                0,
+                chunk::ERROR,
+                0,
+                0,
+                &err(5, "again", None),
+            ));
+        }
+        let n = nbd_fuzz::limits().max_extent_bytes / 16 + 1;
+        let many: Vec<(u64, u64)> = (0..n).map(|_| (1, 0)).collect();
+        let status_flood = chunk_msg(mode, 1, chunk::BLOCK_STATUS, 7, 0, &status(false, 1, &many));
+        for (name, replies) in [
+            ("synthetic-error-flood", flood),
+            ("synthetic-status-over-limit", status_flood),
+        ] {
+            let mut seed = setup(AUTO).to_header([0x5e, 0xed, 0x0f]).to_vec();
+            push_frame(&mut seed, &greeting);
+            push_frame(&mut seed, &negotiation);
+            push_frame(&mut seed, &replies);
+            nbd_fuzz::run_state_machine(&seed);
+            save(&dir, name, &seed);
+        }
     }
 }
 

@@ -11,7 +11,14 @@
 //!             (transmit_front / transmit_slices + transmitted); byte 3 &
 //!             0x0f bounds the sub-piece size (1 << n bytes; 0 = one byte at
 //!             a time, 15 = whole frames); byte 3 bit 4 limits the client to
-//!             3 requests in flight (the batch then waits for free slots)
+//!             3 requests in flight (the batch then waits for free slots);
+//!             byte 3 bit 5 turns on time and cancellation (a virtual clock
+//!             advanced 0-15 ms after every piece, `handle_timeout`, a 40 ms
+//!             command and 200 ms handshake timeout, and `cancel` of a request in
+//!             flight when the split generator says so); bit 6 makes a
+//!             missed command deadline end the connection
+//!             (`TimeoutPolicy::CloseConnection`); bit 7 calls `abort`
+//!             after frame `byte 1 % 8`
 //! then        frames: u16 big-endian length, then that many server bytes
 //!             (the last frame may be cut short by the end of the input)
 //! ```
@@ -33,13 +40,20 @@
 
 use std::collections::BTreeSet;
 use std::io::IoSlice;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nbd_core::consts::cmd_flags;
-use nbd_core::{CmdFlags, Config, Connection, Cookie, Event, Phase, Strict, UsageError};
+use nbd_core::{
+    CloseReason, CmdFlags, CommandError, Config, Connection, Cookie, Event, Limits, Phase, Strict,
+    TimeoutPolicy, UsageError,
+};
 
 #[path = "../../nbd-core/tests/common/script.rs"]
 pub mod script;
+
+pub mod alloc_count;
+pub mod checks;
 
 /// Length of the input header of `state_machine`.
 pub const HEADER_LEN: usize = 4;
@@ -69,6 +83,12 @@ pub struct Setup {
     pub hostile_offsets: bool,
     /// Byte 3 bit 4: at most 3 requests in flight.
     pub few_slots: bool,
+    /// Byte 3 bit 5: a virtual clock, deadlines and cancellation.
+    pub clock: bool,
+    /// Byte 3 bit 6: a missed command deadline ends the connection.
+    pub close_on_timeout: bool,
+    /// Byte 3 bit 7: `abort` after frame `byte 1 % 8`.
+    pub abort_at: Option<usize>,
 }
 
 impl Setup {
@@ -85,6 +105,9 @@ impl Setup {
             named_export: b & 64 != 0,
             hostile_offsets: b & 128 != 0,
             few_slots: h[3] & 0x10 != 0,
+            clock: h[3] & 0x20 != 0,
+            close_on_timeout: h[3] & 0x40 != 0,
+            abort_at: (h[3] & 0x80 != 0).then_some(usize::from(h[1] % 8)),
         }
     }
 
@@ -100,7 +123,15 @@ impl Setup {
             | u8::from(self.named_export) << 6
             | u8::from(self.hostile_offsets) << 7;
         let few = if self.few_slots { 0x10 } else { 0 };
-        [b, split[0], split[1], (split[2] & !0x10) | few]
+        let clock = if self.clock { 0x20 } else { 0 };
+        let close = if self.close_on_timeout { 0x40 } else { 0 };
+        let abort = if self.abort_at.is_some() { 0x80 } else { 0 };
+        [
+            b,
+            split[0],
+            split[1],
+            (split[2] & 0x0f) | few | clock | close | abort,
+        ]
     }
 
     /// The connection configuration: strict mode off, so that every command
@@ -119,9 +150,53 @@ impl Setup {
         cfg.full_info = self.full_info;
         cfg.meta_contexts = META_CONTEXTS.iter().map(|s| s.to_string()).collect();
         cfg.strict = Strict::NONE;
+        cfg.limits = limits();
         cfg.limits.max_in_flight = if self.few_slots { 3 } else { 64 };
+        if self.clock {
+            cfg.handshake_timeout = Some(5 * CLOCK_TIMEOUT);
+            cfg.command_timeout = Some(CLOCK_TIMEOUT);
+        } else {
+            // No clock is ever given: no deadline may matter.
+            cfg.handshake_timeout = None;
+        }
+        if self.close_on_timeout {
+            cfg.on_command_timeout = TimeoutPolicy::CloseConnection;
+        }
         cfg
     }
+}
+
+/// The command timeout with the virtual clock on (the handshake gets five
+/// times as long).
+pub const CLOCK_TIMEOUT: Duration = Duration::from_millis(40);
+
+/// The memory limits of the harness: small enough that inputs reach them
+/// (every limit has a branch that ends the connection), and what the
+/// memory bound of [`run_state_machine`] is computed from.
+pub fn limits() -> Limits {
+    let mut l = Limits::default();
+    l.max_extent_bytes = 64 << 10;
+    l.max_error_chunks = 16;
+    l.max_meta_contexts = 64;
+    l.max_exports = 256;
+    l.max_export_list_bytes = 64 << 10;
+    l
+}
+
+/// The most memory one run may hold beyond its input, from [`limits`]:
+/// the receive buffer (256 KiB), one block status chunk's extents, one
+/// export list, the meta contexts (4 KiB names), the batch's buffers and
+/// the events of one piece (at most 64 KiB of input), each twice for the
+/// growth of the vectors that hold them, plus 1 MiB of slack.
+pub fn memory_bound() -> usize {
+    let l = limits();
+    let held = (256 << 10)
+        + l.max_extent_bytes as usize
+        + l.max_export_list_bytes as usize
+        + l.max_meta_contexts * 4200
+        + (256 << 10)
+        + 64 * (64 << 10);
+    2 * held + (1 << 20)
 }
 
 /// One command of the batch.
@@ -262,6 +337,13 @@ pub struct Driver {
     /// `transmit_front`/`transmit_slices` + `transmitted` instead of
     /// `poll_transmit` (the bytes appended to `out` are the same).
     pub tx_rng: Option<SplitRng>,
+    /// The virtual clock: its start and how far it has run.
+    pub clock: Option<(Instant, Duration)>,
+    /// Once the connection died, the completions it queued (only
+    /// `ConnectionClosed`/`TimedOut` failures may follow, then `Closed`).
+    pub dying: bool,
+    /// Work done: pieces fed, events, clock ticks, script steps.
+    pub work: usize,
     opt_step: usize,
     queue: Option<std::collections::VecDeque<Cmd>>,
     hostile: bool,
@@ -272,8 +354,12 @@ pub struct Driver {
 impl Driver {
     /// A driver for a new connection with `setup`.
     pub fn new(setup: Setup) -> Driver {
+        let start = Instant::now();
         Driver {
-            conn: Connection::new(setup.config(), std::time::Instant::now()),
+            conn: Connection::new(setup.config(), start),
+            clock: setup.clock.then_some((start, Duration::ZERO)),
+            dying: false,
+            work: 0,
             outstanding: BTreeSet::new(),
             closed: 0,
             events: 0,
@@ -295,10 +381,12 @@ impl Driver {
         // Each round either issues something or stops; the script has a
         // bounded number of steps, so this terminates.
         for _ in 0..64 {
+            self.work += 1;
             self.drain_tx(out);
             while let Some(ev) = self.conn.poll_event() {
                 self.on_event(ev);
             }
+            self.check_in_flight();
             if !self.act() {
                 self.drain_tx(out);
                 return;
@@ -358,9 +446,80 @@ impl Driver {
         );
     }
 
+    /// Every command issued is completed or still in flight: the commands
+    /// awaiting their completion are the table's requests less the
+    /// abandoned ones (cancelled or timed out, whose late reply is due).
+    fn check_in_flight(&self) {
+        if !self.conn.is_finished() {
+            assert_eq!(
+                self.outstanding.len() + self.conn.abandoned(),
+                self.conn.in_flight(),
+                "commands awaiting completion vs. the in-flight table"
+            );
+        }
+    }
+
+    /// Moves the virtual clock on by `step` and hands it to the connection.
+    pub fn tick(&mut self, step: Duration) {
+        if let Some((start, t)) = &mut self.clock {
+            *t += step;
+            let now = *start + *t;
+            self.work += 1;
+            self.conn.handle_timeout(now);
+        }
+    }
+
+    /// Cancels the oldest command awaiting its completion, if any; its
+    /// `CommandDone` must come at once (checked by the next drain).
+    pub fn cancel_one(&mut self) {
+        if let Some(&c) = self.outstanding.iter().next() {
+            if !self.conn.is_finished() {
+                self.conn
+                    .cancel(c)
+                    .expect("cancel of a command awaiting its completion");
+                let done = self.conn.poll_event();
+                assert!(
+                    matches!(&done, Some(Event::CommandDone { cookie, result: Err(CommandError::Cancelled { .. }), .. }) if *cookie == c),
+                    "cancel completes the command at once: {done:?}"
+                );
+                if let Some(ev) = done {
+                    self.on_event(ev);
+                }
+            }
+        }
+    }
+
     fn on_event(&mut self, ev: Event) {
         assert_eq!(self.closed, 0, "event after Event::Closed: {ev:?}");
         self.events += 1;
+        self.work += 1;
+        // Nothing but the completions of the close, and the close, follows
+        // a fatal error.
+        if self.dying {
+            assert!(
+                matches!(
+                    &ev,
+                    Event::Closed(_)
+                        | Event::CommandDone {
+                            result: Err(
+                                CommandError::ConnectionClosed(_) | CommandError::TimedOut { .. }
+                            ),
+                            ..
+                        }
+                ),
+                "after the connection died: {ev:?}"
+            );
+        }
+        if let Event::CommandDone {
+            result: Err(CommandError::ConnectionClosed(_)),
+            ..
+        } = &ev
+        {
+            self.dying = true;
+        }
+        if let Event::Closed(CloseReason::Protocol(_)) = &ev {
+            assert!(self.conn.is_finished());
+        }
         if let Some(log) = &mut self.log {
             log.push(format!("{ev:?}"));
         }
@@ -588,19 +747,30 @@ pub fn feed(conn: &mut Connection, piece: &[u8], recv_path: bool) {
 
 /// The `state_machine` fuzz target.
 pub fn run_state_machine(data: &[u8]) {
+    run_state_machine_logged(data, false);
+}
+
+/// [`run_state_machine`], returning the debug strings of the events the
+/// client saw when `log` is set (for the `replay` example).
+pub fn run_state_machine_logged(data: &[u8], log: bool) -> Vec<String> {
     let Some((header, body)) = data.split_first_chunk::<HEADER_LEN>() else {
-        return;
+        return Vec::new();
     };
+    let base = alloc_count::reset_peak();
     let setup = Setup::from_header(*header);
     let mut rng = SplitRng::new(u64::from(u32::from_be_bytes(*header)));
+    let mut clock_rng = SplitRng::new(u64::from(header[2]) << 16 | 0xc10c);
     let max_piece = 1usize << (header[3] & 0x0f);
     let mut d = Driver::new(setup);
+    if log {
+        d.log = Some(Vec::new());
+    }
     if header[2] & 1 != 0 {
         d.tx_rng = Some(SplitRng::new(u64::from(header[1]) << 8 | 0x5a));
     }
     let mut out = Vec::new();
     d.pump(&mut out);
-    for frame in frames(body) {
+    for (frame_no, frame) in frames(body).enumerate() {
         let mut rest = frame;
         while !rest.is_empty() {
             let n = if max_piece >= 1 << 15 {
@@ -615,12 +785,42 @@ pub fn run_state_machine(data: &[u8]) {
                 "a reply in progress on a connection that reads no more"
             );
             d.pump(&mut out);
+            if setup.clock {
+                // 0, 5, 10 or 15 ms pass; a cancel one time in eight.
+                let r = clock_rng.next_u64();
+                d.tick(Duration::from_millis(r % 4 * 5));
+                if (r >> 8) & 7 == 0 {
+                    d.cancel_one();
+                }
+                d.pump(&mut out);
+            }
             rest = tail;
         }
         // The client never holds more than it was told plus its own requests.
         out.clear();
+        if setup.abort_at == Some(frame_no) {
+            d.conn.abort("the fuzz script aborts");
+            d.pump(&mut out);
+            assert!(d.conn.is_finished(), "abort ends the connection");
+        }
     }
     d.finish(&mut out);
+    let held = alloc_count::peak().saturating_sub(base);
+    assert!(
+        held <= memory_bound() + 4 * data.len(),
+        "held {held} bytes, bound {} + 4 * {} input bytes",
+        memory_bound(),
+        data.len()
+    );
+    // CPU per input byte: every piece fed, event, tick and script step
+    // counts; a loop that works without consuming input would show here
+    // (and a slow one as a libFuzzer timeout).
+    assert!(
+        d.work <= 16 * data.len() + 4096,
+        "{} steps of work from {} input bytes",
+        d.work,
+        data.len()
+    );
     let budget = data.len() + 64;
     assert!(
         d.events <= budget + d.issued,
@@ -634,4 +834,5 @@ pub fn run_state_machine(data: &[u8]) {
         d.event_bytes,
         data.len()
     );
+    d.log.take().unwrap_or_default()
 }
