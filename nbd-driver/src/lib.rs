@@ -61,10 +61,15 @@ pub mod connect;
 pub mod demux;
 pub mod driver;
 pub mod process;
+pub mod tls;
 pub mod transport;
 
-pub use connect::{connect, connect_tcp, connect_unix, connect_uri, ConnectError, Connected};
+pub use connect::{
+    connect, connect_tcp, connect_unix, connect_uri, connect_uri_with, AllowTls, ConnectError,
+    Connected, UriPolicy,
+};
 pub use demux::{Completion, Demux};
 pub use driver::{Driver, Interest, IoStats, Progress, RecvUntil, DEFAULT_MID_MESSAGE_RETRIES};
 pub use process::{connect_command, connect_socket_activation, Subprocess};
+pub use tls::{Stream, TlsError, TlsSettings};
 pub use transport::{Socket, Transport};

@@ -8,7 +8,10 @@ use nbd_core::{
     BlockSize, CloseReason, CmdFlags, Config, Connection, Cookie, Event, ExportInfo, Extent,
     OptionKind, Phase, Protocol, ReadChunkKind, UsageError,
 };
-use nbd_driver::{Completion, Connected, Demux, Driver, RecvUntil, Socket, Subprocess};
+use nbd_driver::{
+    Completion, Connected, Demux, Driver, RecvUntil, Socket, Stream, Subprocess, TlsSettings,
+    UriPolicy,
+};
 use rustix::event::{poll, PollFd, PollFlags};
 
 use crate::error::{Error, Result};
@@ -49,8 +52,11 @@ const READS_PER_TURN: u32 = 16;
 #[derive(Debug)]
 pub struct Client {
     conn: Connection,
-    socket: Socket,
+    /// The socket, switched to TLS when the server acknowledges STARTTLS.
+    socket: Stream,
     driver: Driver,
+    /// Credentials and checks for TLS.
+    tls: TlsSettings,
     demux: Demux,
     listed: Vec<(String, String)>,
     contexts: Vec<String>,
@@ -74,8 +80,8 @@ impl Client {
     }
 
     /// Connects to an NBD URI (the export name comes from the URI) and runs
-    /// the handshake. TLS URIs are refused with [`Error::Unsupported`]
-    /// before anything is sent.
+    /// the handshake; `nbds` URIs require TLS, with the credentials their
+    /// `tls-*` parameters name ([`nbd_driver::connect_uri`]).
     pub fn connect_uri(uri: &str, mut cfg: Config) -> Result<Client> {
         let c = nbd_driver::connect_uri(uri, &mut cfg)?;
         Client::handshake_connected(c, cfg)
@@ -150,26 +156,71 @@ impl Client {
         self.process.as_ref().map(Subprocess::pid)
     }
 
+    /// Connects to `target` as [`Client::connect`] does, with TLS
+    /// credentials and checks `tls` (used when [`Config::tls`] is not
+    /// `Disable`, or an `nbds` URI requires TLS; a URI's `tls-*`
+    /// parameters override the fields they name).
+    pub fn connect_with_tls(target: &str, mut cfg: Config, tls: TlsSettings) -> Result<Client> {
+        if nbd_core::uri::is_nbd_uri(target) {
+            Client::connect_uri_with(target, cfg, tls, &UriPolicy::trusted())
+        } else {
+            let mut c = nbd_driver::connect(target, &mut cfg)?;
+            c.tls = tls;
+            Client::handshake_connected(c, cfg)
+        }
+    }
+
+    /// Connects to an NBD URI from a source you do not fully trust,
+    /// refusing before connecting what `policy` does not allow (libnbd's
+    /// `nbd_set_uri_allow_transports`, `_allow_tls`, `_allow_local_file`;
+    /// [`UriPolicy::untrusted`] is libnbd's default), starting from the
+    /// TLS settings `tls`.
+    pub fn connect_uri_with(
+        uri: &str,
+        mut cfg: Config,
+        tls: TlsSettings,
+        policy: &UriPolicy,
+    ) -> Result<Client> {
+        let c = nbd_driver::connect_uri_with(uri, &mut cfg, tls, policy)?;
+        Client::handshake_connected(c, cfg)
+    }
+
+    /// Whether the session runs over TLS (libnbd's `nbd_get_tls_negotiated`).
+    pub fn tls_negotiated(&self) -> bool {
+        self.socket.is_tls() && !self.driver.is_handshaking()
+    }
+
+    /// Runs the handshake over a transport opened with nbd-driver's
+    /// functions ([`nbd_driver::connect_command`],
+    /// [`nbd_driver::connect_socket_activation`], [`nbd_driver::connect`],
+    /// ...), with its [`Connected::tls`] settings (set them first, e.g.
+    /// for a TLS server started as a subprocess) and its server process.
+    pub fn from_connected(c: Connected, cfg: Config) -> Result<Client> {
+        Client::handshake_connected(c, cfg)
+    }
+
     fn handshake_connected(c: Connected, cfg: Config) -> Result<Client> {
         let mut process = c.process;
-        Client::handshake_with(c.socket, c.target, cfg, &mut process)
+        Client::handshake_with(c.socket, c.target, cfg, c.tls, &mut process)
     }
 
     fn handshake(socket: Socket, target: String, cfg: Config) -> Result<Client> {
-        Client::handshake_with(socket, target, cfg, &mut None)
+        Client::handshake_with(socket, target, cfg, TlsSettings::default(), &mut None)
     }
 
     fn handshake_with(
         socket: Socket,
         target: String,
         cfg: Config,
+        tls: TlsSettings,
         process: &mut Option<Subprocess>,
     ) -> Result<Client> {
         let demux = Demux::with_capacity(cfg.limits.max_in_flight);
         let mut c = Client {
             conn: Connection::new(cfg),
-            socket,
+            socket: Stream::new(socket),
             driver: Driver::new(target),
+            tls,
             demux,
             listed: Vec::new(),
             contexts: Vec::new(),
@@ -219,6 +270,9 @@ impl Client {
         if let Some(m) = &self.unsupported {
             return Err(Error::Unsupported(m.clone()));
         }
+        if let Some(e) = self.driver.tls_error() {
+            return Err(Error::Tls(e.clone()));
+        }
         match self.conn.close_reason() {
             Some(r) if !r.is_clean() || self.conn.phase() != Phase::Closed => {
                 Err(Error::Closed(r.clone()))
@@ -241,7 +295,7 @@ impl Client {
         if w.progressed || r.progressed || r.more || !block {
             return Ok(());
         }
-        let Some(interest) = self.driver.interest(&self.conn) else {
+        let Some(interest) = self.driver.interest(&self.conn, &self.socket) else {
             return Ok(());
         };
         let mut flags = PollFlags::empty();
@@ -283,9 +337,8 @@ impl Client {
                     self.opt_result = Some(Err(Error::Option { option, error }))
                 }
                 Event::StartTls => {
-                    self.unsupported = Some("TLS is not supported by this client yet".into());
                     self.driver
-                        .refuse_start_tls(&mut self.conn, &mut self.socket);
+                        .start_tls(&mut self.conn, &mut self.socket, &self.tls);
                 }
                 Event::GoSucceeded(_) => self.went = true,
                 _ => {}
