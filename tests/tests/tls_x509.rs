@@ -421,3 +421,122 @@ fn psk_without_a_psk_backend_is_refused_before_connecting() {
         "{e:?}"
     );
 }
+
+#[test]
+fn examples_accept_nbds_uris_unchanged() {
+    let pki = Pki::new();
+    let srv = nbdkit_tls(&pki.server(), &[]);
+    let uri = unix_uri(srv.socket(), &pki.path("caonly"), "");
+    let run = nbd_tests::examples::run_example("get-size", &[&uri], "");
+    run.assert_ok();
+    assert_eq!(run.stdout_text().trim(), "1048576");
+    let run = nbd_tests::examples::run_example("fetch-first-sector", &[&uri], "");
+    run.assert_ok();
+}
+
+/// Forwards between `a` and `b` one byte per write (with a pause now and
+/// then), so every TLS record reaches the client split at every byte
+/// boundary.
+fn trickle_proxy(listener: std::os::unix::net::UnixListener, to: std::path::PathBuf) {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let Ok((a, _)) = listener.accept() else {
+            return;
+        };
+        let b = std::os::unix::net::UnixStream::connect(&to).unwrap();
+        let pump = |mut from: std::os::unix::net::UnixStream,
+                    mut to: std::os::unix::net::UnixStream| {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut sent = 0u64;
+                while let Ok(n) = from.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    for b in &buf[..n] {
+                        if to.write_all(std::slice::from_ref(b)).is_err() {
+                            return;
+                        }
+                        sent += 1;
+                        if sent % 997 == 0 {
+                            std::thread::sleep(Duration::from_micros(200));
+                        }
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Write);
+            })
+        };
+        let t1 = pump(a.try_clone().unwrap(), b.try_clone().unwrap());
+        let t2 = pump(b, a);
+        let _ = t1.join();
+        let _ = t2.join();
+    });
+}
+
+#[test]
+fn tls_records_split_at_every_byte_boundary() {
+    let pki = Pki::new();
+    let srv = nbdkit_tls(&pki.server(), &[]);
+    let dir = scratch_dir();
+    for adapter in ["std", "mio"] {
+        let sock = dir.path().join(format!("trickle-{adapter}.sock"));
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        trickle_proxy(l, srv.socket().to_path_buf());
+        let uri = unix_uri(&sock, &pki.path("caonly"), "");
+        if adapter == "std" {
+            let mut c = Client::connect(&uri, Config::default()).expect("TLS through the trickle");
+            let data: Vec<u8> = (0..40_000u32).map(|i| (i % 249) as u8).collect();
+            c.pwrite(&data, 0, CmdFlags::empty()).unwrap();
+            let mut back = vec![0u8; data.len()];
+            c.pread(&mut back, 0, CmdFlags::empty()).unwrap();
+            assert!(back == data);
+            c.shutdown().unwrap();
+        } else {
+            let (closed, _) = mio_run(&uri, Config::default());
+            assert!(closed.is_none(), "{closed:?}");
+        }
+    }
+}
+
+#[test]
+fn server_that_dies_mid_handshake() {
+    // A fixed-newstyle server that acknowledges STARTTLS, reads the
+    // ClientHello and closes.
+    use std::io::{Read, Write};
+    let dir = scratch_dir();
+    let sock = dir.path().join("dies.sock");
+    let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut greet = Vec::new();
+        greet.extend_from_slice(b"NBDMAGIC");
+        greet.extend_from_slice(&0x49484156454F5054u64.to_be_bytes());
+        greet.extend_from_slice(&3u16.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
+        c.write_all(&greet).unwrap();
+        let mut flags = [0u8; 4];
+        c.read_exact(&mut flags).unwrap();
+        let mut opt = [0u8; 16];
+        c.read_exact(&mut opt).unwrap();
+        assert_eq!(
+            u32::from_be_bytes(opt[8..12].try_into().unwrap()),
+            5,
+            "STARTTLS"
+        );
+        let mut reply = Vec::new();
+        reply.extend_from_slice(&0x0003e889045565a9u64.to_be_bytes());
+        reply.extend_from_slice(&5u32.to_be_bytes());
+        reply.extend_from_slice(&1u32.to_be_bytes()); // NBD_REP_ACK
+        reply.extend_from_slice(&0u32.to_be_bytes());
+        c.write_all(&reply).unwrap();
+        let mut hello = [0u8; 5];
+        c.read_exact(&mut hello).unwrap();
+        assert_eq!(hello[0], 22, "a TLS handshake record");
+        // Dies here.
+    });
+    let pki = Pki::new();
+    let e =
+        Client::connect(&unix_uri(&sock, &pki.path("caonly"), ""), Config::default()).unwrap_err();
+    t.join().unwrap();
+    let t = tls_err(e);
+    assert_eq!(t, TlsError::ClosedDuringHandshake);
+}
