@@ -540,3 +540,39 @@ fn server_that_dies_mid_handshake() {
     let t = tls_err(e);
     assert_eq!(t, TlsError::ClosedDuringHandshake);
 }
+
+#[test]
+fn nbd_server_mutual_tls() {
+    // nbd-server 3.24 with force_tls needs a client certificate
+    // (shared/servers.md §6); it has simple replies only.
+    let pki = Pki::new();
+    let data = scratch_dir();
+    let img = make_file(data.path(), "n.img", 1 << 20, |_| 0);
+    let srv_dir = pki.server();
+    let cert = srv_dir.join("server-cert.pem");
+    let key = srv_dir.join("server-key.pem");
+    let ca = srv_dir.join("ca-cert.pem");
+    let generic = [
+        ("certfile", cert.to_str().unwrap()),
+        ("keyfile", key.to_str().unwrap()),
+        ("cacertfile", ca.to_str().unwrap()),
+        ("force_tls", "true"),
+    ];
+    let srv = nbd_tests::servers::nbd_server_with(&generic, &[("disk", &img, &[])]);
+    let uri = format!(
+        "nbds+unix:///disk?socket={}&tls-certificates={}",
+        srv.socket().display(),
+        pki.path("client").display()
+    );
+    let mut c = Client::connect(&uri, Config::default()).expect("nbd-server mutual TLS");
+    assert!(c.tls_negotiated());
+    round_trip(&mut c);
+    c.shutdown().unwrap();
+    // Plain text is refused by the server, and the message says TLS.
+    let e = Client::connect(
+        &format!("nbd+unix:///disk?socket={}", srv.socket().display()),
+        Config::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("TLS"), "{e}");
+}
