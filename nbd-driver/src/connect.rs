@@ -412,6 +412,21 @@ mod tests {
         assert_eq!(cfg.tls, TlsMode::Require);
     }
 
+    #[cfg(not(feature = "tls-psk"))]
+    #[test]
+    fn psk_without_the_feature_is_refused_before_connecting() {
+        let mut cfg = Config::default();
+        let e = connect(
+            "nbds+unix://alice@/?socket=/nonexistent/s&tls-psk-file=/nonexistent/k",
+            &mut cfg,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ConnectError::Tls(crate::TlsError::PskUnsupported(_))),
+            "{e}"
+        );
+    }
+
     #[test]
     fn untrusted_policy_refuses_local_files_and_more() {
         let mut cfg = Config::default();

@@ -62,6 +62,8 @@ pub mod demux;
 pub mod driver;
 pub mod process;
 pub mod tls;
+#[cfg(feature = "tls-psk")]
+mod tls_psk;
 pub mod transport;
 
 pub use connect::{

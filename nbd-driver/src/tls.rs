@@ -113,6 +113,10 @@ pub enum TlsError {
     /// TLS-PSK was asked for (`tls-psk-file`), which this build cannot do.
     #[error("TLS-PSK is not supported by this build ({0})")]
     PskUnsupported(String),
+    /// The server refused the TLS-PSK session: it does not know the user
+    /// ([`TlsSettings::username`]) or the key differs.
+    #[error("the server refused the pre-shared key: {0}")]
+    PskRejected(String),
     /// The server's certificate was refused: signed by a CA the client was
     /// not given, issued for another name, expired, revoked...
     #[error("server certificate rejected: {0}")]
@@ -311,9 +315,13 @@ struct Prepared {
 /// needs a backend rustls does not offer). [`crate::connect_uri`] calls
 /// it when TLS may be used.
 pub fn check_settings(s: &TlsSettings) -> Result<(), TlsError> {
+    #[cfg(feature = "tls-psk")]
+    let _ = s;
+    #[cfg(not(feature = "tls-psk"))]
     if let Some(p) = &s.psk_file {
         return Err(TlsError::PskUnsupported(format!(
-            "tls-psk-file {}: rustls has no TLS-PSK cipher suites",
+            "tls-psk-file {}: rustls has no TLS-PSK cipher suites; build with the \
+             `tls-psk` feature (OpenSSL)",
             p.display()
         )));
     }
@@ -430,48 +438,14 @@ impl Write for Io<'_> {
     }
 }
 
+/// The rustls session (X.509).
 struct Session {
     conn: ClientConnection,
     asked_for_cert: Arc<AtomicBool>,
     has_cert: bool,
-    /// Plaintext is waiting inside the session.
-    plaintext: bool,
-    /// Some plaintext arrived since the handshake.
-    got_data: bool,
-    /// close_notify has been queued.
-    closing: bool,
-}
-
-impl fmt::Debug for Session {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Session")
-            .field("handshaking", &self.conn.is_handshaking())
-            .field("plaintext", &self.plaintext)
-            .finish_non_exhaustive()
-    }
 }
 
 impl Session {
-    /// Why the server ended the session before its first reply, when it had
-    /// asked for a client certificate: with TLS 1.3 the server judges the
-    /// client's certificate after the client's handshake has completed, so
-    /// its refusal arrives as a close (or reset) of the session.
-    fn early_close(&self) -> Option<TlsError> {
-        if self.got_data || !self.asked_for_cert.load(Ordering::Relaxed) {
-            return None;
-        }
-        Some(TlsError::ClientCertificateRequired(if self.has_cert {
-            "the server asked for a client certificate and closed the session before any \
-             reply: it refused the one given (client-cert.pem)"
-                .into()
-        } else {
-            "the server asked for a client certificate and closed the session before any \
-             reply; none is configured (client-cert.pem and client-key.pem in the \
-             certificates directory)"
-                .into()
-        }))
-    }
-
     fn error(&self, e: rustls::Error) -> io::Error {
         TlsError::from_rustls(
             e,
@@ -482,13 +456,171 @@ impl Session {
     }
 }
 
+/// One TLS backend's session, driven Sans-IO: encrypted bytes go in with
+/// `read_tls` and out with `write_tls`; plaintext with `read_plain` and
+/// `write_plain`.
+enum Engine {
+    Rustls(Session),
+    #[cfg(feature = "tls-psk")]
+    Psk(crate::tls_psk::PskSession),
+}
+
+impl Engine {
+    fn wants_write(&self) -> bool {
+        match self {
+            Engine::Rustls(s) => s.conn.wants_write(),
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(s) => s.wants_write(),
+        }
+    }
+
+    fn write_tls(&mut self, sock: &mut Socket) -> io::Result<usize> {
+        match self {
+            Engine::Rustls(s) => s.conn.write_tls(&mut Io(sock)),
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(s) => s.write_tls(&mut Io(sock)),
+        }
+    }
+
+    fn read_tls(&mut self, sock: &mut Socket) -> io::Result<usize> {
+        match self {
+            Engine::Rustls(s) => s.conn.read_tls(&mut Io(sock)),
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(s) => s.read_tls(&mut Io(sock)),
+        }
+    }
+
+    /// Processes what `read_tls` brought in (advancing the handshake);
+    /// returns whether plaintext is waiting.
+    fn process(&mut self) -> io::Result<bool> {
+        match self {
+            Engine::Rustls(s) => match s.conn.process_new_packets() {
+                Ok(st) => Ok(st.plaintext_bytes_to_read() > 0),
+                Err(e) => Err(s.error(e)),
+            },
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(s) => s.process(),
+        }
+    }
+
+    fn is_handshaking(&self) -> bool {
+        match self {
+            Engine::Rustls(s) => s.conn.is_handshaking(),
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(s) => s.is_handshaking(),
+        }
+    }
+
+    /// Plaintext: `WouldBlock` when more TLS input is needed, `Ok(0)` after
+    /// close_notify, `UnexpectedEof` at end of file without it.
+    fn read_plain(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Engine::Rustls(s) => s.conn.reader().read(buf),
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(s) => s.read_plain(buf),
+        }
+    }
+
+    fn write_plain(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Engine::Rustls(s) => s.conn.writer().write_vectored(bufs),
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(s) => s.write_plain(bufs),
+        }
+    }
+
+    /// Whether a `read_plain` could return data without new TLS input.
+    fn has_plaintext(&mut self) -> bool {
+        match self {
+            Engine::Rustls(s) => s
+                .conn
+                .process_new_packets()
+                .is_ok_and(|st| st.plaintext_bytes_to_read() > 0),
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(s) => s.has_input(),
+        }
+    }
+
+    fn close_notify(&mut self) {
+        match self {
+            Engine::Rustls(s) => s.conn.send_close_notify(),
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(s) => s.close_notify(),
+        }
+    }
+
+    /// Why the session failed when the server closed it mid-handshake: a
+    /// PSK server does that when it does not know the user or the key
+    /// differs (GnuTLS sends no alert then).
+    fn closed_in_handshake(&self) -> TlsError {
+        match self {
+            Engine::Rustls(_) => TlsError::ClosedDuringHandshake,
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(s) => s.closed_in_handshake(),
+        }
+    }
+
+    /// Whether the server asked for a client certificate, and whether one
+    /// was configured.
+    fn client_cert(&self) -> (bool, bool) {
+        match self {
+            Engine::Rustls(s) => (s.asked_for_cert.load(Ordering::Relaxed), s.has_cert),
+            #[cfg(feature = "tls-psk")]
+            Engine::Psk(_) => (false, false),
+        }
+    }
+}
+
+/// A TLS session over the stream's socket.
+struct Tls {
+    engine: Engine,
+    /// Plaintext (or, for OpenSSL, undecrypted input) is waiting inside.
+    plaintext: bool,
+    /// Some plaintext arrived since the handshake.
+    got_data: bool,
+    /// close_notify has been queued.
+    closing: bool,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("handshaking", &self.engine.is_handshaking())
+            .field("plaintext", &self.plaintext)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Tls {
+    /// Why the server ended the session before its first reply, when it had
+    /// asked for a client certificate: with TLS 1.3 the server judges the
+    /// client's certificate after the client's handshake has completed, so
+    /// its refusal arrives as a close (or reset) of the session.
+    fn early_close(&self) -> Option<TlsError> {
+        let (asked, has_cert) = self.engine.client_cert();
+        if self.got_data || !asked {
+            return None;
+        }
+        Some(TlsError::ClientCertificateRequired(if has_cert {
+            "the server asked for a client certificate and closed the session before any \
+             reply: it refused the one given (client-cert.pem)"
+                .into()
+        } else {
+            "the server asked for a client certificate and closed the session before any \
+             reply; none is configured (client-cert.pem and client-key.pem in the \
+             certificates directory)"
+                .into()
+        }))
+    }
+}
+
 /// The transport of every adapter: a [`Socket`], in plain text until
 /// [`Stream::start_tls`] switches it to a TLS session over the same socket
 /// (and the same file descriptor). Create it with [`Stream::new`].
 #[derive(Debug)]
 pub struct Stream {
     socket: Socket,
-    tls: Option<Box<Session>>,
+    tls: Option<Box<Tls>>,
 }
 
 impl Stream {
@@ -507,26 +639,35 @@ impl Stream {
         self.tls.is_some()
     }
 
-    /// Starts a TLS client session on the stream, checking the server's
-    /// certificate against [`TlsSettings::hostname`] ([`UNIX_TLS_HOSTNAME`]
-    /// when unset; [`crate::connect()`] fills in the TCP host).
-    /// Call it when the core emits `Event::StartTls` (the driver's
-    /// [`crate::Driver::start_tls`] does, then runs the handshake); it
-    /// sends nothing itself. Fails if the credentials cannot be loaded.
+    /// Starts a TLS client session on the stream: TLS-PSK when
+    /// [`TlsSettings::psk_file`] is set (feature `tls-psk`), else X.509,
+    /// checking the server's certificate against
+    /// [`TlsSettings::hostname`] ([`UNIX_TLS_HOSTNAME`] when unset;
+    /// [`crate::connect()`] fills in the TCP host). Call it when the core
+    /// emits `Event::StartTls` (the driver's [`crate::Driver::start_tls`]
+    /// does, then runs the handshake); it only queues the first handshake
+    /// message. Fails if the credentials cannot be loaded.
     pub fn start_tls(&mut self, settings: &TlsSettings) -> Result<(), TlsError> {
-        let server_name = settings.hostname.as_deref().unwrap_or(UNIX_TLS_HOSTNAME);
         if self.tls.is_some() {
             return Err(TlsError::Protocol("TLS is already running".into()));
         }
-        let p = prepare(settings)?;
-        let name = ServerName::try_from(server_name.to_owned())
-            .map_err(|_| TlsError::BadHostname(server_name.to_owned()))?;
-        let conn =
-            ClientConnection::new(p.config, name).map_err(|e| TlsError::Protocol(e.to_string()))?;
-        self.tls = Some(Box::new(Session {
-            conn,
-            asked_for_cert: p.asked_for_cert,
-            has_cert: p.has_cert,
+        let engine = if settings.psk_file.is_some() {
+            psk_engine(settings)?
+        } else {
+            let server_name = settings.hostname.as_deref().unwrap_or(UNIX_TLS_HOSTNAME);
+            let p = prepare(settings)?;
+            let name = ServerName::try_from(server_name.to_owned())
+                .map_err(|_| TlsError::BadHostname(server_name.to_owned()))?;
+            let conn = ClientConnection::new(p.config, name)
+                .map_err(|e| TlsError::Protocol(e.to_string()))?;
+            Engine::Rustls(Session {
+                conn,
+                asked_for_cert: p.asked_for_cert,
+                has_cert: p.has_cert,
+            })
+        };
+        self.tls = Some(Box::new(Tls {
+            engine,
             plaintext: false,
             got_data: false,
             closing: false,
@@ -535,7 +676,7 @@ impl Stream {
     }
 
     /// A socket error, or the TLS cause behind it when the server dropped
-    /// the session right after the handshake (see `Session::early_close`).
+    /// the session right after the handshake (see `Tls::early_close`).
     fn explain(&self, e: io::Error) -> io::Error {
         let reset = matches!(
             e.kind(),
@@ -552,8 +693,8 @@ impl Stream {
         let Some(s) = &mut self.tls else {
             return Ok(());
         };
-        while s.conn.wants_write() {
-            match s.conn.write_tls(&mut Io(&mut self.socket)) {
+        while s.engine.wants_write() {
+            match s.engine.write_tls(&mut self.socket) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -570,15 +711,14 @@ impl Stream {
             return Ok(false);
         };
         let n = loop {
-            match s.conn.read_tls(&mut Io(&mut self.socket)) {
+            match s.engine.read_tls(&mut self.socket) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 r => break r?,
             }
         };
-        match s.conn.process_new_packets() {
-            Ok(st) => s.plaintext = st.plaintext_bytes_to_read() > 0,
-            Err(e) => {
-                let err = s.error(e);
+        match s.engine.process() {
+            Ok(p) => s.plaintext = p,
+            Err(err) => {
                 // Let the server see our alert, if the socket takes it.
                 let _ = self.flush_tls();
                 return Err(err);
@@ -588,14 +728,24 @@ impl Stream {
     }
 }
 
+#[cfg(feature = "tls-psk")]
+fn psk_engine(settings: &TlsSettings) -> Result<Engine, TlsError> {
+    Ok(Engine::Psk(crate::tls_psk::PskSession::new(settings)?))
+}
+
+#[cfg(not(feature = "tls-psk"))]
+fn psk_engine(settings: &TlsSettings) -> Result<Engine, TlsError> {
+    check_settings(settings)?;
+    Err(TlsError::PskUnsupported("no PSK file".into()))
+}
+
 impl Transport for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.tls.is_none() {
+        let Some(mut s) = self.tls.as_mut() else {
             return self.socket.read(buf);
-        }
+        };
         loop {
-            let s = self.tls.as_mut().expect("tls");
-            match s.conn.reader().read(buf) {
+            match s.engine.read_plain(buf) {
                 Ok(0) => {
                     return match s.early_close() {
                         Some(t) => Err(t.into_io()),
@@ -604,10 +754,7 @@ impl Transport for Stream {
                 }
                 Ok(n) => {
                     s.got_data = true;
-                    s.plaintext = n > 0
-                        && s.conn
-                            .process_new_packets()
-                            .is_ok_and(|st| st.plaintext_bytes_to_read() > 0);
+                    s.plaintext = s.engine.has_plaintext();
                     return Ok(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -633,6 +780,10 @@ impl Transport for Stream {
             if let Err(e) = self.fill() {
                 return Err(self.explain(e));
             }
+            let Some(again) = self.tls.as_mut() else {
+                return Ok(0);
+            };
+            s = again;
         }
     }
 
@@ -655,8 +806,10 @@ impl Transport for Stream {
         if let Err(e) = self.flush_tls() {
             return Err(self.explain(e));
         }
-        let s = self.tls.as_mut().expect("tls");
-        let n = s.conn.writer().write_vectored(bufs)?;
+        let Some(s) = self.tls.as_mut() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let n = s.engine.write_plain(bufs)?;
         if n == 0 && bufs.iter().any(|b| !b.is_empty()) {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -671,7 +824,7 @@ impl Transport for Stream {
         if let Some(s) = &mut self.tls {
             if !s.closing {
                 s.closing = true;
-                s.conn.send_close_notify();
+                s.engine.close_notify();
             }
             let _ = self.flush_tls();
         }
@@ -693,12 +846,18 @@ impl Transport for Stream {
             let Some(s) = &self.tls else {
                 return Ok(None);
             };
-            if !s.conn.is_handshaking() {
+            if !s.engine.is_handshaking() {
                 return Ok(None);
             }
+            let closed = |st: &Stream| -> io::Error {
+                match &st.tls {
+                    Some(s) => s.engine.closed_in_handshake().into_io(),
+                    None => TlsError::ClosedDuringHandshake.into_io(),
+                }
+            };
             match self.fill() {
                 Ok(true) => {}
-                Ok(false) => return Err(TlsError::ClosedDuringHandshake.into_io()),
+                Ok(false) => return Err(closed(self)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     return Ok(Some(Interest {
                         read: true,
@@ -706,14 +865,14 @@ impl Transport for Stream {
                     }))
                 }
                 Err(e) => {
-                    if TlsError::from_io(&e).is_none() {
-                        // A reset while the handshake runs is a close, too.
-                        if matches!(
+                    // A reset while the handshake runs is a close, too.
+                    let reset = TlsError::from_io(&e).is_none()
+                        && matches!(
                             e.kind(),
                             io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-                        ) {
-                            return Err(TlsError::ClosedDuringHandshake.into_io());
-                        }
+                        );
+                    if reset || TlsError::from_io(&e) == Some(&TlsError::ClosedDuringHandshake) {
+                        return Err(closed(self));
                     }
                     return Err(e);
                 }
@@ -722,7 +881,7 @@ impl Transport for Stream {
     }
 
     fn pending_output(&self) -> bool {
-        self.tls.as_ref().is_some_and(|s| s.conn.wants_write())
+        self.tls.as_ref().is_some_and(|s| s.engine.wants_write())
     }
 
     fn buffered_input(&self) -> bool {

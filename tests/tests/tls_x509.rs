@@ -410,19 +410,6 @@ fn subprocess_server_over_tls() {
 }
 
 #[test]
-fn psk_without_a_psk_backend_is_refused_before_connecting() {
-    let e = Client::connect(
-        "nbds+unix://alice@/?socket=/nonexistent/s&tls-psk-file=/nonexistent/k",
-        Config::default(),
-    )
-    .unwrap_err();
-    assert!(
-        matches!(e, Error::Tls(TlsError::PskUnsupported(_))),
-        "{e:?}"
-    );
-}
-
-#[test]
 fn examples_accept_nbds_uris_unchanged() {
     let pki = Pki::new();
     let srv = nbdkit_tls(&pki.server(), &[]);
