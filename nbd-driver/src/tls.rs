@@ -459,6 +459,9 @@ impl Session {
 /// One TLS backend's session, driven Sans-IO: encrypted bytes go in with
 /// `read_tls` and out with `write_tls`; plaintext with `read_plain` and
 /// `write_plain`.
+// The whole session is boxed once in `Stream`; boxing the variant too
+// would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 enum Engine {
     Rustls(Session),
     #[cfg(feature = "tls-psk")]

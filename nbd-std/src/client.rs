@@ -192,7 +192,7 @@ impl Client {
 
     /// Runs the handshake over a transport opened with nbd-driver's
     /// functions ([`nbd_driver::connect_command`],
-    /// [`nbd_driver::connect_socket_activation`], [`nbd_driver::connect`],
+    /// [`nbd_driver::connect_socket_activation`], [`nbd_driver::connect()`],
     /// ...), with its [`Connected::tls`] settings (set them first, e.g.
     /// for a TLS server started as a subprocess) and its server process.
     pub fn from_connected(c: Connected, cfg: Config) -> Result<Client> {
