@@ -7,6 +7,8 @@
 # The server is nbdkit null on a private Unix socket.
 #
 # Usage: bash bench/callgrind.sh      env: OP=read|write (read) RS=4k QD=16 N=32m
+#   RS_FLAGS: extra flags for nbd-rs only (e.g. RS_FLAGS="-T 60": a deadline
+#   on every command); NBD_RS: another nbd-rs build to measure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "bench: valgrind not found (bash .ci/run installs it)" >&2; exit 1; }
@@ -36,14 +38,14 @@ echo "$OP rs=$RS qd=$QD, runs of $N and 2x$N ($requests extra requests), nbdkit 
 printf '%-8s %14s %14s\n' client instr/req allocs/req
 for client in nbd-rs libnbd; do
     case $client in
-        nbd-rs) bin=$NBD_RS ;;
-        libnbd) bin=$LIBNBD ;;
+        nbd-rs) bin=$NBD_RS extra=(${RS_FLAGS:-}) ;;
+        libnbd) bin=$LIBNBD extra=() ;;
     esac
     for k in 1 2; do
         valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.$client.$k" \
-            "$bin" "${flags[@]}" -n $((k * n)) "$uri" >/dev/null 2>"$tmp/cg.$client.$k.log"
+            "$bin" "${flags[@]}" "${extra[@]}" -n $((k * n)) "$uri" >/dev/null 2>"$tmp/cg.$client.$k.log"
         valgrind --tool=dhat --dhat-out-file="$tmp/dh.$client.$k" \
-            "$bin" "${flags[@]}" -n $((k * n)) "$uri" >/dev/null 2>"$tmp/dh.$client.$k.log"
+            "$bin" "${flags[@]}" "${extra[@]}" -n $((k * n)) "$uri" >/dev/null 2>"$tmp/dh.$client.$k.log"
     done
     i1=$(collected "$tmp/cg.$client.1.log") i2=$(collected "$tmp/cg.$client.2.log")
     b1=$(blocks "$tmp/dh.$client.1.log") b2=$(blocks "$tmp/dh.$client.2.log")

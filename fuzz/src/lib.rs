@@ -273,7 +273,7 @@ impl Driver {
     /// A driver for a new connection with `setup`.
     pub fn new(setup: Setup) -> Driver {
         Driver {
-            conn: Connection::new(setup.config()),
+            conn: Connection::new(setup.config(), std::time::Instant::now()),
             outstanding: BTreeSet::new(),
             closed: 0,
             events: 0,

@@ -4,9 +4,11 @@
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
+use std::time::Instant;
 
 use crate::buffer::{RecvBuffer, SendQueue};
 use crate::config::Config;
+use crate::deadline::HandshakeTimer;
 use crate::error::ProtocolError;
 use crate::event::{CloseReason, Event, ExportInfo, Protocol};
 use crate::negotiate::{AutoStep, State};
@@ -80,6 +82,9 @@ pub struct Connection {
     pub(crate) contexts: Vec<(u32, String)>,
     pub(crate) contexts_export: Option<String>,
     pub(crate) xmit: Transmission,
+    /// The latest time the adapter passed in.
+    pub(crate) now: Instant,
+    pub(crate) handshake_timer: HandshakeTimer,
 }
 
 impl std::fmt::Debug for Connection {
@@ -103,8 +108,14 @@ impl std::fmt::Debug for Connection {
 
 impl Connection {
     /// Creates a connection that will run the handshake as soon as the
-    /// server's first bytes arrive. Call it once the transport is connected.
-    pub fn new(cfg: Config) -> Self {
+    /// server's first bytes arrive. Call it once the transport is
+    /// connected, with the current time: the handshake deadline
+    /// ([`Config::handshake_timeout`]) counts from `now`.
+    pub fn new(cfg: Config, now: Instant) -> Self {
+        let handshake_timer = match cfg.handshake_timeout.and_then(|d| now.checked_add(d)) {
+            Some(at) => HandshakeTimer::Armed(at),
+            None => HandshakeTimer::Off,
+        };
         let xmit = Transmission::new(&cfg.limits);
         // A header and a payload per request in flight (bounded).
         let tx = SendQueue::with_capacity(cfg.limits.max_in_flight.clamp(1, 512) * 2 + 4);
@@ -124,6 +135,8 @@ impl Connection {
             contexts: Vec::new(),
             contexts_export: None,
             xmit,
+            now,
+            handshake_timer,
         }
     }
 
@@ -239,6 +252,130 @@ impl Connection {
         }
         let reason = self.end_reason(Some(message.into()));
         self.close(reason);
+    }
+
+    // ----- time -----
+
+    /// When to call [`Connection::handle_timeout`] next, if a deadline is
+    /// pending: wait on the socket until then at most. An instant at or
+    /// before [`Connection::now`] means "now": a deadline just started and
+    /// needs the current time (a command's default deadline counts from
+    /// the first time input after its submission, and in option mode each
+    /// option the caller sends restarts the handshake deadline). With no
+    /// deadline set this is `None` and costs a few comparisons.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let handshake = match self.handshake_timer {
+            _ if !self.server_has_turn() => None,
+            HandshakeTimer::Armed(at) => Some(at),
+            HandshakeTimer::Suspended => Some(self.now),
+            HandshakeTimer::Off => None,
+        };
+        let command = match self.state {
+            State::Transmission => self.xmit.next_deadline(self.now),
+            _ => None,
+        };
+        match (handshake, command) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Tells the connection the time: starts the deadlines waiting for it,
+    /// and acts on every deadline at or before `now`. A missed handshake
+    /// deadline ends the connection with [`CloseReason::HandshakeTimedOut`];
+    /// a missed command deadline completes that command with
+    /// [`crate::CommandError::TimedOut`] (see [`Config::on_command_timeout`]).
+    /// Call it when [`Connection::poll_timeout`]'s instant is reached, and
+    /// whenever convenient (it is cheap); drain the events after it. Time
+    /// never goes backwards: an earlier `now` than before counts as the
+    /// latest one given.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now > self.now {
+            self.now = now;
+        }
+        let now = self.now;
+        if self.is_finished() {
+            return;
+        }
+        if self.server_has_turn() {
+            match self.handshake_timer {
+                HandshakeTimer::Suspended => {
+                    self.handshake_timer =
+                        match self.cfg.handshake_timeout.and_then(|d| now.checked_add(d)) {
+                            Some(at) => HandshakeTimer::Armed(at),
+                            None => HandshakeTimer::Off,
+                        }
+                }
+                HandshakeTimer::Armed(at) if at <= now => {
+                    let waiting_for = self.waiting_for();
+                    self.close(CloseReason::HandshakeTimedOut { waiting_for });
+                    return;
+                }
+                _ => {}
+            }
+        }
+        if let State::Transmission = self.state {
+            self.handshake_timer = HandshakeTimer::Off;
+            if let Some((command, cookie)) = self.xmit.expire(now, &mut self.events) {
+                let lost = self.xmit.waiting();
+                self.close(CloseReason::CommandTimedOut {
+                    command,
+                    cookie,
+                    lost,
+                });
+            }
+        }
+    }
+
+    /// The latest time passed in ([`Connection::new`],
+    /// [`Connection::handle_timeout`]).
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+
+    /// Replaces the handshake deadline (`None`: no deadline): for an
+    /// adapter whose connect budget started before the core existed (the
+    /// TCP connect, a TLS handshake of its own), or a caller that wants a
+    /// different deadline for this connection than
+    /// [`Config::handshake_timeout`]. Has no effect once the transmission
+    /// phase started.
+    pub fn set_handshake_deadline(&mut self, deadline: Option<Instant>) {
+        self.handshake_timer = match deadline {
+            Some(at) => HandshakeTimer::Armed(at),
+            None => HandshakeTimer::Off,
+        };
+    }
+
+    /// Ends the connection now, for `reason`: nothing more is sent or
+    /// read, every request in flight completes with
+    /// [`crate::CommandError::ConnectionClosed`], and the connection
+    /// reports [`CloseReason::AbortedByCaller`]. The adapter then closes
+    /// the socket. Does nothing on a connection that already ended. Use it
+    /// to give up on a server (the orderly ends are
+    /// [`Connection::disconnect`] and `opt_abort`).
+    pub fn abort(&mut self, reason: impl Into<String>) {
+        if self.is_finished() {
+            return;
+        }
+        let lost = self.xmit.waiting();
+        self.close(CloseReason::AbortedByCaller {
+            reason: reason.into(),
+            lost,
+        });
+    }
+
+    /// True while the handshake waits for the server (not for the caller
+    /// in option mode, and not once transmission started).
+    fn server_has_turn(&self) -> bool {
+        matches!(
+            self.state,
+            State::Greeting
+                | State::Oldstyle
+                | State::HandshakeFlags
+                | State::Option(_)
+                | State::ExportNameReply
+                | State::Tls
+        )
     }
 
     // ----- output -----

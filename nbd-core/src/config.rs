@@ -1,7 +1,14 @@
 //! What the client asks for and how much it trusts the server: negotiation
-//! settings, strict-mode switches and memory limits.
+//! settings, strict-mode switches, memory limits and timeouts.
+
+use std::time::Duration;
 
 use crate::consts::{client_flags, CONTEXT_BASE_ALLOCATION};
+pub use crate::deadline::TimeoutPolicy;
+
+/// The default [`Config::handshake_timeout`]: generous for a server across
+/// the world doing TLS, short enough that a silent server is noticed.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether to use TLS (the TLS itself is done by the adapter when the core
 /// emits [`crate::Event::StartTls`]).
@@ -96,8 +103,27 @@ pub struct Limits {
     pub default_max_write: u64,
     /// Most meta contexts kept from one LIST/SET_META_CONTEXT.
     pub max_meta_contexts: usize,
-    /// Most block-status extents kept from one chunk.
-    pub max_extents: usize,
+    /// Most memory, in bytes, the extents of one block-status chunk may
+    /// take once parsed: `n * size_of::<Extent>()` (16 bytes an extent),
+    /// allocated once when the chunk header arrives. Default 64 MiB, that
+    /// is 2^22 extents: every payload up to 2^25 bytes fits (doc/proto.md,
+    /// section "Structured reply chunk message": payloads up to 2^25 bytes
+    /// SHOULD NOT be treated as a denial of service). A chunk announcing
+    /// more ends the connection with
+    /// [`crate::wire::WireError::OverLimit`] before any extent is read.
+    ///
+    /// [`Extent`]: crate::Extent
+    pub max_extent_bytes: u64,
+    /// Most error chunks (any reply type with bit 15 set) one request may
+    /// receive before its `NBD_REPLY_FLAG_DONE` (default 65,536). Every
+    /// other chunk type is bounded by the request already: data and holes
+    /// by its length (each covers at least one byte, none twice), block
+    /// status by the contexts negotiated (one chunk each), `NONE` by being
+    /// last. Real servers send one error chunk per failed request (nbdkit,
+    /// qemu-nbd); even one per KiB of a 64 MiB read stays under the
+    /// default. Past it the connection ends with
+    /// [`crate::ProtocolError::TooManyErrorChunks`].
+    pub max_error_chunks: u32,
     /// Most exports one `NBD_OPT_LIST` may report (default 100,000; real
     /// servers list a handful). Past it the connection ends with
     /// [`crate::ProtocolError::ExportListTooLong`].
@@ -117,7 +143,8 @@ impl Default for Limits {
             max_meta_contexts: 4096,
             max_exports: 100_000,
             max_export_list_bytes: 64 << 20,
-            max_extents: 1 << 20,
+            max_extent_bytes: 64 << 20,
+            max_error_chunks: 1 << 16,
         }
     }
 }
@@ -133,7 +160,7 @@ impl Default for Limits {
 /// let mut cfg = nbd_core::Config::default();
 /// cfg.opt_mode = true;
 /// cfg.export_name = "disk".into();
-/// let conn = nbd_core::Connection::new(cfg);
+/// let conn = nbd_core::Connection::new(cfg, std::time::Instant::now());
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -164,6 +191,27 @@ pub struct Config {
     pub strict: Strict,
     /// Memory limits.
     pub limits: Limits,
+    /// How long connecting may take, from [`crate::Connection::new`] to
+    /// the transmission phase: the greeting, every option, TLS (see
+    /// [`crate::Connection::set_handshake_deadline`] to include the time
+    /// spent before the core existed, such as the TCP connect). Only the
+    /// time the server has the turn counts: in option mode the clock stops
+    /// while the caller decides, and each option the caller sends gets the
+    /// full timeout again. When it passes, the connection ends with
+    /// [`crate::CloseReason::HandshakeTimedOut`], naming what it was
+    /// waiting for. Default 30 s (libnbd has none: a server that accepts
+    /// and never speaks blocks it forever); `None` waits forever.
+    pub handshake_timeout: Option<Duration>,
+    /// Deadline of every command, from its submission (more precisely,
+    /// from the first time the adapter passes in after it, which adapters
+    /// do at once). Default `None`: a trim or a cache of a large range
+    /// may legitimately take long. Set one command's deadline with
+    /// [`crate::Connection::set_deadline`]; what happens when it passes is
+    /// [`Config::on_command_timeout`].
+    pub command_timeout: Option<Duration>,
+    /// What a missed command deadline does: fail that command and keep the
+    /// connection (the default), or end the connection.
+    pub on_command_timeout: TimeoutPolicy,
 }
 
 impl Default for Config {
@@ -181,6 +229,9 @@ impl Default for Config {
             tls: TlsMode::Disable,
             strict: Strict::ALL,
             limits: Limits::default(),
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
+            command_timeout: None,
+            on_command_timeout: TimeoutPolicy::FailCommand,
         }
     }
 }

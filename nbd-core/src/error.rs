@@ -277,6 +277,21 @@ pub enum ProtocolError {
         /// The request's length.
         request_length: u64,
     },
+    /// One request received more error chunks than
+    /// [`crate::Limits::max_error_chunks`] without the chunk that ends its
+    /// reply (`NBD_REPLY_FLAG_DONE`): a server that never finishes.
+    #[error(
+        "reply to cookie {cookie:#x}: {count} error chunks without the done flag, \
+         the limit is {limit}"
+    )]
+    TooManyErrorChunks {
+        /// Cookie of the request.
+        cookie: u64,
+        /// Error chunks received for it, the one past the limit included.
+        count: u64,
+        /// The configured limit.
+        limit: u32,
+    },
     /// The server sent data when the client expected none.
     #[error("server sent {0} unexpected bytes")]
     UnexpectedData(usize),
@@ -471,6 +486,23 @@ pub enum CommandError {
     /// The connection ended before the reply arrived.
     #[error("connection closed before the reply arrived: {0}")]
     ConnectionClosed(String),
+    /// The command's deadline passed before its reply arrived
+    /// ([`crate::Config::command_timeout`], [`crate::Connection::set_deadline`]).
+    /// The server may still carry it out: a timed-out write may have
+    /// been applied, or may be applied later.
+    #[error("{command} timed out: its deadline passed before the server replied")]
+    TimedOut {
+        /// The command, by its spec name (`NBD_CMD_READ`, ...).
+        command: &'static str,
+    },
+    /// The caller cancelled the command ([`crate::Connection::cancel`])
+    /// before its reply arrived. As for a timeout, the server may still
+    /// carry it out.
+    #[error("{command} was cancelled before the server replied")]
+    Cancelled {
+        /// The command, by its spec name.
+        command: &'static str,
+    },
 }
 
 impl CommandError {
@@ -479,6 +511,9 @@ impl CommandError {
         match self {
             CommandError::Server { errno, .. } => errno.io_kind(),
             CommandError::ConnectionClosed(_) => std::io::ErrorKind::NotConnected,
+            CommandError::TimedOut { .. } => std::io::ErrorKind::TimedOut,
+            // Not `Interrupted`: std's read loops retry on that.
+            CommandError::Cancelled { .. } => std::io::ErrorKind::Other,
         }
     }
 
@@ -487,6 +522,8 @@ impl CommandError {
         match self {
             CommandError::Server { errno, .. } => errno.errno(),
             CommandError::ConnectionClosed(_) => 107, // ENOTCONN
+            CommandError::TimedOut { .. } => 110,     // ETIMEDOUT
+            CommandError::Cancelled { .. } => 125,    // ECANCELED
         }
     }
 }
@@ -557,6 +594,11 @@ pub enum UsageError {
         /// Limit.
         max: u64,
     },
+    /// The cookie names no command the caller still awaits: it completed
+    /// (its [`crate::Event::CommandDone`] may still be queued), or it never
+    /// existed on this connection.
+    #[error("no command with cookie {:#x} is in flight", .0.0)]
+    NotInFlight(crate::Cookie),
     /// Submitting now would pass the in-flight limits; wait for a completion.
     #[error("too many requests in flight ({requests} requests, {bytes} bytes)")]
     InFlightLimit {

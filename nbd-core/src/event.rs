@@ -253,6 +253,33 @@ pub enum CloseReason {
     /// The transport failed (reported by the adapter) before the
     /// transmission phase.
     Transport(String),
+    /// The handshake deadline ([`crate::Config::handshake_timeout`])
+    /// passed while the client was waiting for the server.
+    HandshakeTimedOut {
+        /// What the client was waiting for ("the reply to NBD_OPT_GO", ...).
+        waiting_for: String,
+    },
+    /// A command missed its deadline under
+    /// [`crate::TimeoutPolicy::CloseConnection`]. That command completed
+    /// with [`crate::CommandError::TimedOut`], the `lost` other requests
+    /// in flight with [`crate::CommandError::ConnectionClosed`].
+    CommandTimedOut {
+        /// The command, by its spec name.
+        command: &'static str,
+        /// Its cookie.
+        cookie: Cookie,
+        /// Other requests in flight that the end failed.
+        lost: usize,
+    },
+    /// The caller ended the connection with [`crate::Connection::abort`]:
+    /// nothing more was sent or read, and the `lost` requests in flight
+    /// completed with [`crate::CommandError::ConnectionClosed`].
+    AbortedByCaller {
+        /// The caller's reason.
+        reason: String,
+        /// Requests in flight that the end failed.
+        lost: usize,
+    },
 }
 
 impl CloseReason {
@@ -278,6 +305,7 @@ impl CloseReason {
         match self {
             CloseReason::Aborted | CloseReason::Disconnected => false,
             CloseReason::ServerClosed { lost, .. } => *lost > 0,
+            CloseReason::AbortedByCaller { lost, .. } => *lost > 0,
             _ => true,
         }
     }
@@ -290,7 +318,24 @@ impl CloseReason {
         match self {
             CloseReason::Aborted | CloseReason::Disconnected => Some(0),
             CloseReason::ServerClosed { lost, .. } => Some(*lost),
+            CloseReason::AbortedByCaller { lost, .. } => Some(*lost),
+            CloseReason::CommandTimedOut { lost, .. } => Some(*lost + 1),
             _ => None,
+        }
+    }
+}
+
+impl CloseReason {
+    /// The closest `std::io::ErrorKind`: `InvalidData` when the server
+    /// broke the protocol, `TimedOut` when a deadline passed,
+    /// `NotConnected` otherwise.
+    pub fn io_kind(&self) -> std::io::ErrorKind {
+        match self {
+            CloseReason::Protocol(_) => std::io::ErrorKind::InvalidData,
+            CloseReason::HandshakeTimedOut { .. } | CloseReason::CommandTimedOut { .. } => {
+                std::io::ErrorKind::TimedOut
+            }
+            _ => std::io::ErrorKind::NotConnected,
         }
     }
 }
@@ -338,6 +383,25 @@ impl fmt::Display for CloseReason {
             }
             CloseReason::TlsRequired(m) => write!(f, "TLS required: {m}"),
             CloseReason::Transport(m) => write!(f, "transport error: {m}"),
+            CloseReason::HandshakeTimedOut { waiting_for } => {
+                write!(f, "timed out waiting for {waiting_for}")
+            }
+            CloseReason::CommandTimedOut {
+                command,
+                cookie,
+                lost,
+            } => write!(
+                f,
+                "{command} (cookie {:#x}) timed out, so the connection was closed \
+                 ({lost} other requests in flight failed)",
+                cookie.0
+            ),
+            CloseReason::AbortedByCaller { reason, lost } => {
+                write!(
+                    f,
+                    "aborted by the caller: {reason} ({lost} requests in flight failed)"
+                )
+            }
         }
     }
 }
@@ -426,13 +490,10 @@ pub enum Event {
 
 impl From<CloseReason> for std::io::Error {
     /// The end of a connection as an `io::Error`: `InvalidData` when the
-    /// server broke the protocol, `NotConnected` otherwise (the clean ends
-    /// included: a call that needed the connection found it closed).
+    /// server broke the protocol, `TimedOut` when a deadline passed,
+    /// `NotConnected` otherwise (the clean ends included: a call that
+    /// needed the connection found it closed).
     fn from(r: CloseReason) -> Self {
-        let kind = match r {
-            CloseReason::Protocol(_) => std::io::ErrorKind::InvalidData,
-            _ => std::io::ErrorKind::NotConnected,
-        };
-        std::io::Error::new(kind, r)
+        std::io::Error::new(r.io_kind(), r)
     }
 }

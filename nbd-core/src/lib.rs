@@ -37,18 +37,35 @@
 //!   writes, then [`Connection::transmitted`]), then [`Connection::poll_event`].
 //!   After every input and every command, drain all output before waiting
 //!   on the socket again.
+//! - **Time** is an input too, never read from a clock: the connection is
+//!   created with `now`; [`Connection::poll_timeout`] says until when the
+//!   adapter may wait; [`Connection::handle_timeout`] acts on what is due.
+//!   The handshake has a deadline ([`Config::handshake_timeout`], 30 s by
+//!   default), commands have one if asked ([`Config::command_timeout`],
+//!   [`Connection::set_deadline`]); [`Connection::cancel`] gives up on one
+//!   command and [`Connection::abort`] on the connection. A command that
+//!   times out or is cancelled completes at once with its buffer; its late
+//!   reply is read and dropped.
 //!
 //! ## The driving loop
 //! ```
+//! use std::time::Instant;
 //! use nbd_core::{CmdFlags, Config, Connection, Event};
-//! # fn server_bytes() -> Vec<u8> { Vec::new() }
-//! let mut conn = Connection::new(Config::default());
+//! # fn server_bytes(_wait_until: Option<Instant>) -> Vec<u8> { Vec::new() }
+//! let mut conn = Connection::new(Config::default(), Instant::now());
 //! let mut to_server = Vec::new();
 //! // loop {
-//!     conn.handle_input(&server_bytes());      // what the socket produced
+//!     // Wait for the socket, but not past the next deadline.
+//!     let input = server_bytes(conn.poll_timeout());
+//!     conn.handle_timeout(Instant::now());     // what time it is
+//!     conn.handle_input(&input);               // what the socket produced
 //!     conn.poll_transmit(&mut to_server);      // what to write to the socket
 //!     while let Some(ev) = conn.poll_event() { // what happened
-//!         if let Event::GoSucceeded(info) = ev { println!("size {}", info.size); }
+//!         match ev {
+//!             Event::GoSucceeded(info) => println!("size {}", info.size),
+//!             Event::Closed(reason) => println!("closed: {reason}"),
+//!             _ => {}
+//!         }
 //!     }
 //! // }
 //! ```
@@ -67,7 +84,7 @@
 //! cfg.request_extended_headers = false;
 //! cfg.request_structured_replies = false;
 //! cfg.request_meta_context = false;
-//! let mut conn = Connection::new(cfg);
+//! let mut conn = Connection::new(cfg, std::time::Instant::now());
 //! let mut to_server = Vec::new();
 //!
 //! // Greeting: NBDMAGIC, IHAVEOPT, handshake flags.
@@ -153,7 +170,8 @@
 //! ## Modules
 //! [`consts`] (every number of the spec), `wire` (encoders and parsers per
 //! message family), `negotiate` (handshake and options), `transmit`
-//! (commands and replies), [`config`] (settings, strict mode, limits),
+//! (commands and replies), `deadline` (the handshake timer and the heap of
+//! command deadlines), [`config`] (settings, strict mode, limits, timeouts),
 //! [`uri`] (NBD URIs). `wire` is public for the fuzz targets and tests
 //! that exercise each parser on its own, but hidden from the docs and not
 //! part of the stable API: its types that the API uses ([`WireError`],
@@ -167,10 +185,12 @@ mod client;
 pub mod config;
 pub mod consts;
 mod coverage;
+mod deadline;
 pub mod error;
 pub mod event;
 mod flags;
 mod negotiate;
+mod reply_bounds;
 mod transmit;
 pub mod uri;
 /// Encoders and parsers per message family. Not part of the stable API:
@@ -179,7 +199,7 @@ pub mod uri;
 pub mod wire;
 
 pub use client::{Connection, Phase};
-pub use config::{Config, Limits, Strict, TlsMode};
+pub use config::{Config, Limits, Strict, TimeoutPolicy, TlsMode};
 pub use error::{
     CommandError, NbdErrno, OptionError, ProtocolError, Refused, RepError, UsageError,
 };

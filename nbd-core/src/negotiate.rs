@@ -417,6 +417,14 @@ impl Connection {
 
     fn send_op(&mut self, op: Op, data: &[u8], origin: Origin) {
         let code = op.kind().code();
+        if matches!(self.state, State::Negotiating)
+            && origin != Origin::Auto
+            && self.handshake_timer != crate::deadline::HandshakeTimer::Off
+        {
+            // The caller had the turn (option mode); the server gets a full
+            // timeout again, started at the next time input.
+            self.handshake_timer = crate::deadline::HandshakeTimer::Suspended;
+        }
         self.tx.push_message(|b| wopt::encode_option(code, data, b));
         self.state = State::Option(Box::new(Pending {
             origin,
@@ -1105,6 +1113,20 @@ impl Connection {
         Ok(ReplyStage::Payload(*h))
     }
 
+    /// What the handshake is waiting for, for a timeout's message.
+    pub(crate) fn waiting_for(&self) -> String {
+        match &self.state {
+            State::Greeting | State::Oldstyle => "the server's greeting".to_owned(),
+            State::HandshakeFlags => "the server's handshake flags".to_owned(),
+            State::Option(p) => format!("the reply to {}", p.op.kind()),
+            State::ExportNameReply => "the reply to NBD_OPT_EXPORT_NAME".to_owned(),
+            State::Tls => "the TLS handshake".to_owned(),
+            State::Negotiating => "the caller's next option".to_owned(),
+            State::Transmission => "replies".to_owned(),
+            State::Closed(_) => "nothing (closed)".to_owned(),
+        }
+    }
+
     /// The reason to report when the server closes now (`transport_error`
     /// `None`) or the transport fails with that message.
     pub(crate) fn end_reason(&self, transport_error: Option<String>) -> CloseReason {
@@ -1115,7 +1137,7 @@ impl Connection {
                 return CloseReason::Aborted;
             }
             State::Transmission => {
-                let lost = self.xmit.in_flight();
+                let lost = self.xmit.waiting();
                 // Spec "Terminating the transmission phase": after
                 // NBD_CMD_DISC the server closes; with every request
                 // answered that is the orderly end, EOF or reset alike.

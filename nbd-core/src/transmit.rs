@@ -5,6 +5,7 @@
 //! and applying the fatal/per-request table of §3.14.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 
@@ -14,6 +15,7 @@ use crate::consts::{
     chunk, cmd, cmd_flags as cf, errno, reply_flags, transmission_flags as tf, MAX_STRING_LEN,
 };
 use crate::coverage::Coverage;
+use crate::deadline::{DeadlineHeap, TimeoutPolicy};
 use crate::error::{CommandError, NbdErrno, ProtocolError, Refused, UsageError};
 use crate::event::{Cookie, Event, ExportInfo, Extent, ReadChunkKind};
 use crate::flags::CmdFlags;
@@ -72,8 +74,13 @@ struct Request {
     coverage: Coverage,
     /// Contexts answered (block status).
     contexts_seen: Vec<u32>,
+    /// Error chunks received (bounded by `Limits::max_error_chunks`).
+    error_chunks: u32,
     /// Payload bytes charged against the in-flight byte limit.
     charged: u64,
+    /// Its deadline is the default ([`Config::command_timeout`]), to start
+    /// at the next time input (see `Transmission::unarmed`).
+    default_deadline: bool,
 }
 
 /// A request checked and encoded, not yet in flight (see `Connection::prepare`).
@@ -90,12 +97,29 @@ struct Prepared {
     header_len: usize,
 }
 
+/// Where a slot of the in-flight table is in a request's life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum SlotState {
+    /// Not in use.
+    #[default]
+    Free,
+    /// Sent (or queued); the caller awaits its completion.
+    Waiting,
+    /// Already completed towards the caller (timed out or cancelled), its
+    /// buffer handed back; the server's reply is still due and will be
+    /// read and dropped. Still counts against the in-flight limits.
+    Abandoned,
+}
+
 /// A slot of the in-flight table; its vectors keep their capacity across
 /// requests so steady-state traffic does not allocate.
 #[derive(Debug, Default)]
 struct Slot {
     generation: u32,
-    busy: bool,
+    state: SlotState,
+    /// Listed in `Transmission::unarmed` (once at most, whoever occupies
+    /// the slot by the time the list is taken).
+    listed: bool,
     req: Request,
 }
 
@@ -153,7 +177,16 @@ pub(crate) struct Transmission {
     slots: Vec<Slot>,
     free: Vec<u32>,
     in_flight: usize,
+    /// Slots in `SlotState::Abandoned` (part of `in_flight`).
+    abandoned: usize,
     bytes_in_flight: u64,
+    /// Command deadlines by slot.
+    deadlines: DeadlineHeap,
+    /// Slots whose default deadline ([`Config::command_timeout`]) starts at
+    /// the next time input (at most one entry per slot: `Request::unarmed`).
+    unarmed: Vec<u32>,
+    command_timeout: Option<Duration>,
+    policy: TimeoutPolicy,
     rx: Rx,
     disc_sent: bool,
     disc_wanted: bool,
@@ -176,7 +209,12 @@ impl Transmission {
             slots: Vec::new(),
             free: Vec::new(),
             in_flight: 0,
+            abandoned: 0,
             bytes_in_flight: 0,
+            deadlines: DeadlineHeap::default(),
+            unarmed: Vec::new(),
+            command_timeout: None,
+            policy: TimeoutPolicy::FailCommand,
             rx: Rx::Header,
             disc_sent: false,
             disc_wanted: false,
@@ -211,6 +249,10 @@ impl Transmission {
         let n = cfg.limits.max_in_flight.clamp(1, 1 << 20);
         self.slots = (0..n).map(|_| Slot::default()).collect();
         self.free = (0..n as u32).rev().collect();
+        self.deadlines.reset(n);
+        self.unarmed = Vec::with_capacity(n);
+        self.command_timeout = cfg.command_timeout;
+        self.policy = cfg.on_command_timeout;
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -295,10 +337,20 @@ impl Transmission {
         Ok(())
     }
 
+    /// Requests in flight whose caller still awaits the completion (the
+    /// abandoned ones already got theirs).
+    pub(crate) fn waiting(&self) -> usize {
+        self.in_flight - self.abandoned
+    }
+
+    pub(crate) fn abandoned(&self) -> usize {
+        self.abandoned
+    }
+
     /// Completes every request in flight with an error (connection over).
     pub(crate) fn fail_all(&mut self, why: &str, events: &mut VecDeque<Event>) {
         for i in 0..self.slots.len() {
-            if self.slots[i].busy {
+            if self.slots[i].state != SlotState::Free {
                 let err = CommandError::ConnectionClosed(why.to_owned());
                 self.complete(i as u32, Err(err), events);
             }
@@ -319,7 +371,7 @@ impl Transmission {
         let slot = (cookie & 0xffff_ffff) as u32;
         let generation = (cookie >> 32) as u32;
         match self.slots.get(slot as usize) {
-            Some(s) if s.busy && s.generation == generation => Ok(slot),
+            Some(s) if s.state != SlotState::Free && s.generation == generation => Ok(slot),
             _ => Err(ProtocolError::UnknownCookie(cookie)),
         }
     }
@@ -336,16 +388,98 @@ impl Transmission {
     ) {
         let cookie = self.cookie(slot);
         let s = &mut self.slots[slot as usize];
-        s.busy = false;
+        let was = std::mem::replace(&mut s.state, SlotState::Free);
         let buffer = s.req.buf.take();
         self.bytes_in_flight = self.bytes_in_flight.saturating_sub(s.req.charged);
         self.in_flight = self.in_flight.saturating_sub(1);
         self.free.push(slot);
+        self.deadlines.remove(slot);
+        match was {
+            SlotState::Waiting => events.push_back(Event::CommandDone {
+                cookie,
+                result,
+                buffer,
+            }),
+            // The caller got its completion when the request was abandoned;
+            // this was the late reply.
+            SlotState::Abandoned => self.abandoned -= 1,
+            SlotState::Free => {}
+        }
+    }
+
+    /// Completes a request towards the caller now (timed out or cancelled)
+    /// and hands its buffer back, keeping the slot reserved until the
+    /// server's reply arrives and is dropped.
+    fn abandon(&mut self, slot: u32, error: CommandError, events: &mut VecDeque<Event>) {
+        let cookie = self.cookie(slot);
+        let Some(s) = self.slots.get_mut(slot as usize) else {
+            return;
+        };
+        if s.state != SlotState::Waiting {
+            return;
+        }
+        s.state = SlotState::Abandoned;
+        s.req.chunk_events = false;
+        let buffer = s.req.buf.take();
+        self.abandoned += 1;
+        self.deadlines.remove(slot);
         events.push_back(Event::CommandDone {
             cookie,
-            result,
+            result: Err(error),
             buffer,
         });
+    }
+
+    /// The slot of an in-flight request the caller still awaits.
+    fn waiting_slot(&self, cookie: Cookie) -> Option<u32> {
+        let slot = self.lookup(cookie.0).ok()?;
+        (self.slots[slot as usize].state == SlotState::Waiting).then_some(slot)
+    }
+
+    /// The earliest command deadline: the current time if some command's
+    /// default deadline still waits for a time input to start.
+    pub(crate) fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        if !self.unarmed.is_empty() {
+            return Some(now);
+        }
+        self.deadlines.peek().map(|(t, _)| t)
+    }
+
+    /// Starts the default deadlines waiting for a time input, then expires
+    /// every command whose deadline is at or before `now`. Returns the
+    /// expired command to end the connection for, under
+    /// [`TimeoutPolicy::CloseConnection`].
+    pub(crate) fn expire(
+        &mut self,
+        now: Instant,
+        events: &mut VecDeque<Event>,
+    ) -> Option<(&'static str, Cookie)> {
+        if !self.unarmed.is_empty() {
+            let at = self.command_timeout.and_then(|d| now.checked_add(d));
+            let mut unarmed = std::mem::take(&mut self.unarmed);
+            for slot in unarmed.drain(..) {
+                let s = &mut self.slots[slot as usize];
+                s.listed = false;
+                if std::mem::take(&mut s.req.default_deadline) && s.state == SlotState::Waiting {
+                    if let Some(at) = at {
+                        self.deadlines.set(slot, at);
+                    }
+                }
+            }
+            self.unarmed = unarmed;
+        }
+        while let Some((at, slot)) = self.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            let command = command_name(self.slots[slot as usize].req.cmd);
+            let cookie = self.cookie(slot);
+            self.abandon(slot, CommandError::TimedOut { command }, events);
+            if self.policy == TimeoutPolicy::CloseConnection {
+                return Some((command, cookie));
+            }
+        }
+        None
     }
 
     /// The request's last chunk arrived: check coverage and complete it.
@@ -649,7 +783,7 @@ impl Connection {
         x.free.pop();
         let s = &mut x.slots[p.slot as usize];
         s.generation = p.generation;
-        s.busy = true;
+        s.state = SlotState::Waiting;
         let r = &mut s.req;
         r.cmd = p.cmd;
         r.flags = p.flags;
@@ -662,7 +796,13 @@ impl Connection {
         r.content_chunks = 0;
         r.coverage.reset();
         r.contexts_seen.clear();
+        r.error_chunks = 0;
         r.charged = p.charged;
+        r.default_deadline = x.command_timeout.is_some();
+        if r.default_deadline && !s.listed {
+            s.listed = true;
+            x.unarmed.push(p.slot);
+        }
         x.in_flight += 1;
         x.bytes_in_flight += p.charged;
         self.tx.push_header(&p.header[..p.header_len]);
@@ -884,9 +1024,73 @@ impl Connection {
         self.check_limits(bytes).is_ok()
     }
 
-    /// Requests queued or awaiting their reply.
+    /// Requests queued or awaiting their reply: the slots of the in-flight
+    /// table in use, including those of abandoned requests (timed out or
+    /// cancelled) whose late reply is still due.
     pub fn in_flight(&self) -> usize {
         self.xmit.in_flight
+    }
+
+    /// How many of [`Connection::in_flight`] are abandoned: completed
+    /// towards the caller (timed out or cancelled) while the server's reply
+    /// is still due. They hold their slots (and count against the limits)
+    /// until that reply arrives and is dropped.
+    pub fn abandoned(&self) -> usize {
+        self.xmit.abandoned()
+    }
+
+    // ----- deadlines and cancellation -----
+
+    /// Gives one in-flight command a deadline (`None` removes it), replacing
+    /// the default of [`Config::command_timeout`]. Call it right after
+    /// submitting the command, or later to extend or shorten it; when the
+    /// deadline passes, [`Connection::handle_timeout`] completes the
+    /// command with [`CommandError::TimedOut`] (see
+    /// [`Config::on_command_timeout`]). Fails with
+    /// [`UsageError::NotInFlight`] if the cookie's command already
+    /// completed.
+    pub fn set_deadline(
+        &mut self,
+        cookie: Cookie,
+        deadline: Option<Instant>,
+    ) -> Result<(), UsageError> {
+        let x = &mut self.xmit;
+        let slot = x
+            .waiting_slot(cookie)
+            .ok_or(UsageError::NotInFlight(cookie))?;
+        x.slots[slot as usize].req.default_deadline = false;
+        match deadline {
+            Some(at) => x.deadlines.set(slot, at),
+            None => x.deadlines.remove(slot),
+        }
+        Ok(())
+    }
+
+    /// Sets the default deadline of the commands submitted from now on
+    /// ([`Config::command_timeout`]; `None`: none). Commands already in
+    /// flight keep theirs.
+    pub fn set_command_timeout(&mut self, timeout: Option<Duration>) {
+        self.cfg.command_timeout = timeout;
+        self.xmit.command_timeout = timeout;
+    }
+
+    /// Cancels an in-flight command: it completes at once, in the next
+    /// [`Event::CommandDone`], with [`CommandError::Cancelled`] and its
+    /// buffer. The request may already be on its way, so the server may
+    /// still carry it out (a cancelled write may be applied); its slot
+    /// stays reserved until the server's reply arrives, which is then read
+    /// and dropped without touching the buffer you got back. The
+    /// connection stays usable. Fails with [`UsageError::NotInFlight`] if
+    /// the command already completed (its completion may be waiting in the
+    /// event queue).
+    pub fn cancel(&mut self, cookie: Cookie) -> Result<(), UsageError> {
+        let x = &mut self.xmit;
+        let slot = x
+            .waiting_slot(cookie)
+            .ok_or(UsageError::NotInFlight(cookie))?;
+        let command = command_name(x.slots[slot as usize].req.cmd);
+        x.abandon(slot, CommandError::Cancelled { command }, &mut self.events);
+        Ok(())
     }
 
     /// The largest write payload this connection sends (libnbd's
@@ -1032,6 +1236,11 @@ impl Connection {
                 }
                 r.contexts_seen.push(context);
                 x.extents.clear();
+                // All of it at once, so the capacity is exactly what the
+                // length announced (checked against `max_extent_bytes`).
+                let n = usize::try_from(head.descriptors).unwrap_or(usize::MAX);
+                x.extents
+                    .reserve_exact(n.min(crate::reply_bounds::max_extents(&x.limits)));
                 x.rx = Rx::StatusBody {
                     slot,
                     typ,
@@ -1110,12 +1319,15 @@ impl Connection {
             });
         }
         let cookie = x.cookie(slot);
-        let extents = std::mem::take(&mut x.extents);
-        self.events.push_back(Event::BlockStatus {
-            cookie,
-            context_id: context,
-            extents,
-        });
+        // An abandoned request's late answer is checked, then dropped.
+        if x.slots[slot as usize].state == SlotState::Waiting {
+            let extents = std::mem::take(&mut x.extents);
+            self.events.push_back(Event::BlockStatus {
+                cookie,
+                context_id: context,
+                extents,
+            });
+        }
         if flags & reply_flags::DONE != 0 {
             x.finish(slot, &mut self.events)?;
         }
@@ -1251,7 +1463,8 @@ impl Connection {
                                 mode: x.mode,
                             });
                         }
-                        wrep::check_block_status_len(typ, length, x.limits.max_extents)?;
+                        let max = crate::reply_bounds::max_extents(&x.limits);
+                        wrep::check_block_status_len(typ, length, max)?;
                         x.rx = Rx::StatusHeader {
                             slot,
                             typ,
@@ -1261,6 +1474,9 @@ impl Connection {
                         Ok(())
                     }
                     t if t & chunk::FLAG_ERROR != 0 => {
+                        let limit = x.limits.max_error_chunks;
+                        let seen = &mut x.slots[slot as usize].req.error_chunks;
+                        crate::reply_bounds::count_error_chunk(seen, limit, cookie)?;
                         // Error value, message length, a message of at most
                         // 4096 bytes (spec "Structured reply types"), and the
                         // offset of ERROR_OFFSET. Unknown error types may

@@ -480,7 +480,7 @@ fn run(s: &Scenario, bogus: bool, cuts1: &[usize], cuts2: &[usize], input: Input
 
 /// The number of commands and the stage-2 bytes of a scenario.
 fn stage2(s: &Scenario, bogus: bool) -> (usize, Vec<u8>) {
-    let mut c = Connection::new(s.config.clone());
+    let mut c = Connection::new(s.config.clone(), std::time::Instant::now());
     c.handle_input(&s.stage1);
     let cookies = (s.commands)(&mut c);
     (cookies.len(), (s.replies)(&cookies, bogus))

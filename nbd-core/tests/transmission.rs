@@ -313,7 +313,7 @@ fn zero_copy_header_with_partial_payload() {
 /// (and in negotiation), whatever the reply format.
 #[test]
 fn reply_in_progress_spans_first_byte_to_last() {
-    let mut fresh = Connection::new(Config::default());
+    let mut fresh = Connection::new(Config::default(), std::time::Instant::now());
     assert!(!fresh.reply_in_progress(), "negotiation");
     fresh.handle_input(&NBDMAGIC.to_be_bytes()[..3]);
     assert!(!fresh.reply_in_progress(), "a partial greeting is no reply");
@@ -1511,7 +1511,7 @@ fn s3_8_block_status_bad_length_is_fatal() {
 #[test]
 fn s3_10_too_many_extents_is_fatal() {
     let mut limits = Limits::default();
-    limits.max_extents = 4;
+    limits.max_extent_bytes = 4 * 16;
     let mut h = Setup::new(Mode::Structured)
         .base_allocation(1)
         .limits(limits)
@@ -2611,7 +2611,7 @@ fn unlimited_max_read_limit_does_not_panic() {
 
 #[test]
 fn commands_before_transmission_are_refused() {
-    let mut conn = Connection::new(Config::default());
+    let mut conn = Connection::new(Config::default(), std::time::Instant::now());
     let e = conn
         .read(0, BytesMut::zeroed(512), CmdFlags::empty())
         .unwrap_err()
@@ -2679,7 +2679,7 @@ fn refused_read_and_write_return_their_buffers() {
 /// `Debug` shows the state, not the buffers.
 #[test]
 fn debug_of_a_connection_is_short() {
-    let conn = Connection::new(Config::default());
+    let conn = Connection::new(Config::default(), std::time::Instant::now());
     let s = format!("{conn:?}");
     assert!(s.len() < 2000, "{} bytes: {s}", s.len());
     let mut h = Setup::new(Mode::Extended).connect();
@@ -2746,7 +2746,7 @@ fn s3_11_impossible_chunk_length_fails_on_the_header() {
         }
         // Block status announcing more extents than the limit.
         let mut limits = Limits::default();
-        limits.max_extents = 4;
+        limits.max_extent_bytes = 4 * 16;
         let mut h = Setup::new(mode).base_allocation(1).limits(limits).connect();
         let c = h.block_status(0, 4096, CmdFlags::empty());
         h.requests();

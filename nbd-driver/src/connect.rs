@@ -6,6 +6,7 @@ use std::io;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use nbd_core::uri::{NbdUri, Transport as UriTransport, UriError};
 use nbd_core::{Config, TlsMode};
@@ -234,7 +235,9 @@ pub fn connect_uri_with(
     apply_tls(&u, cfg, &mut tls)?;
     let socket = match &u.transport {
         UriTransport::Unix { path } => connect_unix(path)?,
-        UriTransport::Tcp { host, port } => connect_tcp((host.as_str(), *port))?,
+        UriTransport::Tcp { host, port } => {
+            connect_tcp_within((host.as_str(), *port), cfg.handshake_timeout)?
+        }
         UriTransport::Vsock { .. } => {
             return Err(ConnectError::Unsupported(
                 "the vsock transport (nbd+vsock URIs)".into(),
@@ -264,6 +267,19 @@ pub fn connect_unix(path: &Path) -> Result<Socket, ConnectError> {
 /// (IPv6 and IPv4 of one name, say) until one accepts; the error names the
 /// last address tried. Sets `TCP_NODELAY` and non-blocking mode.
 pub fn connect_tcp(addr: impl ToSocketAddrs) -> Result<Socket, ConnectError> {
+    connect_tcp_within(addr, None)
+}
+
+/// Like [`connect_tcp`], giving up after `timeout` in all (`None`: the
+/// system's own limit, which may be minutes), so that a host that drops
+/// the SYN cannot stall a connect with a deadline: the adapters pass
+/// [`nbd_core::Config::handshake_timeout`]. The failure is an
+/// [`ConnectError::Io`] of kind `TimedOut`. This is the one place in the
+/// crate that reads the clock: to share the budget among the addresses.
+pub fn connect_tcp_within(
+    addr: impl ToSocketAddrs,
+    timeout: Option<Duration>,
+) -> Result<Socket, ConnectError> {
     let addrs: Vec<SocketAddr> = addr
         .to_socket_addrs()
         .map_err(|e| ConnectError::Io {
@@ -271,15 +287,30 @@ pub fn connect_tcp(addr: impl ToSocketAddrs) -> Result<Socket, ConnectError> {
             source: e,
         })?
         .collect();
-    connect_tcp_addrs(&addrs)
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
+    connect_addrs(&addrs, deadline)
 }
 
 /// Connects to the first of `addrs` that accepts, in order; see
 /// [`connect_tcp`].
 pub fn connect_tcp_addrs(addrs: &[SocketAddr]) -> Result<Socket, ConnectError> {
+    connect_addrs(addrs, None)
+}
+
+fn connect_addrs(addrs: &[SocketAddr], deadline: Option<Instant>) -> Result<Socket, ConnectError> {
     let mut last = None;
     for a in addrs {
-        match TcpStream::connect(a) {
+        let attempt = match deadline {
+            None => TcpStream::connect(a),
+            Some(d) => match d.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => TcpStream::connect_timeout(a, left),
+                _ => Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "timed out connecting (the handshake timeout passed)",
+                )),
+            },
+        };
+        match attempt {
             Ok(s) => {
                 return Socket::from_tcp(s).map_err(|e| ConnectError::Io {
                     context: format!("connect: {a}"),

@@ -37,7 +37,7 @@
 //! # fn wait_for(_: &Stream, _: nbd_driver::Interest) {}
 //! let mut cfg = Config::default();
 //! let mut c = connect("nbd+unix:///?socket=/tmp/nbd.sock", &mut cfg)?;
-//! let mut conn = Connection::new(cfg);
+//! let mut conn = Connection::new(cfg, std::time::Instant::now());
 //! let mut driver = Driver::new(c.target);
 //! let mut stream = Stream::new(c.socket);
 //! loop {
@@ -62,7 +62,10 @@
 //! # Ok::<(), nbd_driver::ConnectError>(())
 //! ```
 //!
-//! Like `nbd-core`, this crate starts no thread and reads no clock.
+//! Like `nbd-core`, this crate starts no thread, and its driver and demux
+//! read no clock: deadlines are the core's (`Connection::poll_timeout`), and
+//! each adapter waits on its own clock. Only [`connect_tcp_within`] reads
+//! one, to share a connect budget among addresses.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub)]
@@ -77,8 +80,8 @@ mod tls_psk;
 pub mod transport;
 
 pub use connect::{
-    connect, connect_tcp, connect_unix, connect_uri, connect_uri_with, AllowTls, ConnectError,
-    Connected, UriPolicy,
+    connect, connect_tcp, connect_tcp_within, connect_unix, connect_uri, connect_uri_with,
+    AllowTls, ConnectError, Connected, UriPolicy,
 };
 pub use demux::{Completion, Demux};
 pub use driver::{Driver, Interest, IoStats, Progress, RecvUntil, DEFAULT_MID_MESSAGE_RETRIES};

@@ -33,7 +33,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::process::exit;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use mio::{Events, Poll, Token};
@@ -77,9 +77,12 @@ unsafe impl GlobalAlloc for CountingAlloc {
 static GLOBAL: CountingAlloc = CountingAlloc;
 
 const NBD: Token = Token(0);
-const USAGE: &str = "[-w] [-r REQSIZE] [-q DEPTH] [-n TOTAL] [-i ITER] [-S] [-I] [-V] [-j] URI";
+const USAGE: &str =
+    "[-w] [-r REQSIZE] [-q DEPTH] [-n TOTAL] [-i ITER] [-S] [-I] [-V] [-j] [-T SECONDS] URI";
 
-/// Command-line options, as `getopt(argc, argv, "wr:q:n:i:SIVj")` reads them.
+/// Command-line options, as `getopt(argc, argv, "wr:q:n:i:SIVjT:")` reads
+/// them. `-T SECONDS` (nbd-rs only) gives every command that deadline, to
+/// measure what deadlines cost.
 struct Opts {
     write: bool,
     reqsize: u64,
@@ -89,6 +92,7 @@ struct Opts {
     no_sr: bool,
     verify: bool,
     json: bool,
+    deadline: Option<Duration>,
     uri: String,
 }
 
@@ -126,6 +130,7 @@ fn parse_args() -> Opts {
         no_sr: false,
         verify: false,
         json: false,
+        deadline: None,
         uri: String::new(),
     };
     let mut positional = Vec::new();
@@ -147,13 +152,21 @@ fn parse_args() -> Opts {
                 'I' => {} // read buffers are never zeroed: nothing to turn off
                 'V' => o.verify = true,
                 'j' => o.json = true,
-                'r' | 'q' | 'n' | 'i' => {
+                'r' | 'q' | 'n' | 'i' | 'T' => {
                     let rest = &a[1 + k + 1..];
                     let v = if rest.is_empty() {
                         it.next().cloned().unwrap_or_else(|| usage())
                     } else {
                         rest.to_owned()
                     };
+                    if c == 'T' {
+                        let secs = v.parse::<f64>().ok();
+                        o.deadline = secs.and_then(|s| Duration::try_from_secs_f64(s).ok());
+                        if o.deadline.is_none() {
+                            usage();
+                        }
+                        break;
+                    }
                     let v = parse_size(&v);
                     match c {
                         'r' => o.reqsize = v,
@@ -224,7 +237,11 @@ impl Loop {
     /// Waits for readiness and hands it to the connection; the drain of
     /// `poll_event` that follows does the rest of the I/O.
     fn turn(&mut self) {
-        if let Err(e) = self.poll.poll(&mut self.events, None) {
+        // The timer loop of nbd-mio's docs; the clock is read only when a
+        // deadline is pending.
+        let due = self.nbd.poll_timeout();
+        let timeout = nbd_mio::poll_timeout_until(due);
+        if let Err(e) = self.poll.poll(&mut self.events, timeout) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 die(format!("poll: {e}"));
             }
@@ -234,6 +251,9 @@ impl Loop {
             if ev.token() == NBD {
                 self.nbd.handle_event(ev);
             }
+        }
+        if due.is_some() {
+            self.nbd.handle_timeout(Instant::now());
         }
     }
 }
@@ -279,6 +299,7 @@ fn main() {
         .max_bytes_in_flight
         .max(rs.saturating_mul(o.depth));
     cfg.limits.default_max_write = cfg.limits.default_max_write.max(64 << 20);
+    cfg.command_timeout = o.deadline;
 
     let t_conn0 = Instant::now();
     let nbd = NbdConnection::connect_uri(&o.uri, cfg).unwrap_or_else(|e| die(e));

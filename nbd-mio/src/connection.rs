@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use mio::unix::SourceFd;
@@ -216,7 +217,7 @@ impl NbdConnection {
 
     fn new(socket: Socket, target: String, cfg: Config) -> Result<NbdConnection> {
         Ok(NbdConnection {
-            conn: Connection::new(cfg),
+            conn: Connection::new(cfg, std::time::Instant::now()),
             socket: Stream::new(socket),
             driver: Driver::new(target),
             tls: TlsSettings::default(),
@@ -336,6 +337,84 @@ impl NbdConnection {
         }
         self.driver.finish(&mut self.conn, &mut self.socket);
         self.conn.has_events()
+    }
+
+    // ----- time -----
+
+    /// The latest instant the embedder's `Poll::poll` may sleep until, if
+    /// a deadline is pending (the handshake's, 30 s by default, or a
+    /// command's: [`Config::command_timeout`],
+    /// [`NbdConnection::set_deadline`]); pass it through
+    /// [`crate::poll_timeout_until`], or fold many connections with
+    /// [`crate::next_deadline`]. Then call
+    /// [`NbdConnection::handle_timeout`] after every wake-up. Reads the
+    /// clock only when a deadline just started and needs the time. `None`
+    /// without deadlines, for a few comparisons.
+    pub fn poll_timeout(&mut self) -> Option<Instant> {
+        let due = self.conn.poll_timeout()?;
+        if due > self.conn.now() {
+            return Some(due);
+        }
+        let now = Instant::now();
+        self.handle_timeout(now);
+        if self.conn.has_events() {
+            return Some(now); // poll at once, then drain them
+        }
+        self.conn.poll_timeout()
+    }
+
+    /// Tells the connection the time: a missed handshake deadline ends it
+    /// ([`nbd_core::CloseReason::HandshakeTimedOut`]), a missed command
+    /// deadline completes that command with
+    /// [`nbd_core::CommandError::TimedOut`] and hands its buffer back.
+    /// Call it after every `Poll::poll` (it is cheap when nothing is due),
+    /// then drain [`NbdConnection::poll_event`].
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.conn.handle_timeout(now);
+        self.driver.finish(&mut self.conn, &mut self.socket);
+        self.draining = true;
+    }
+
+    /// Replaces the handshake deadline (`None`: none), for example to count
+    /// from before a blocking TCP connect: see
+    /// [`Connection::set_handshake_deadline`].
+    pub fn set_handshake_deadline(&mut self, deadline: Option<Instant>) {
+        self.conn.set_handshake_deadline(deadline);
+    }
+
+    /// Gives one in-flight command a deadline (`None` removes it), in
+    /// place of [`Config::command_timeout`]. Fails with
+    /// [`UsageError::NotInFlight`] once the command completed.
+    pub fn set_deadline(&mut self, cookie: Cookie, deadline: Option<Instant>) -> Result<()> {
+        Ok(self.conn.set_deadline(cookie, deadline)?)
+    }
+
+    /// Sets the deadline of the commands submitted from now on (`None`:
+    /// none, the default).
+    pub fn set_command_timeout(&mut self, timeout: Option<Duration>) {
+        self.conn.set_command_timeout(timeout);
+    }
+
+    /// Cancels an in-flight command: it completes in the next
+    /// [`Event::CommandDone`] with [`nbd_core::CommandError::Cancelled`]
+    /// and its buffer, and its late reply is dropped; the server may still
+    /// carry it out. The connection stays usable. Fails with
+    /// [`UsageError::NotInFlight`] once the command completed.
+    pub fn cancel(&mut self, cookie: Cookie) -> Result<()> {
+        self.conn.cancel(cookie)?;
+        self.draining = true;
+        Ok(())
+    }
+
+    /// Ends the connection now: every command in flight completes with
+    /// [`nbd_core::CommandError::ConnectionClosed`], then
+    /// [`Event::Closed`] with [`nbd_core::CloseReason::AbortedByCaller`];
+    /// the socket is shut down. Drain [`NbdConnection::poll_event`] after
+    /// it. The polite end is [`NbdConnection::disconnect`].
+    pub fn abort(&mut self, reason: &str) {
+        self.conn.abort(reason);
+        self.driver.finish(&mut self.conn, &mut self.socket);
+        self.draining = true;
     }
 
     // ----- events -----

@@ -52,12 +52,14 @@
 //! let mut nbd = NbdConnection::connect("nbd+unix:///?socket=/tmp/sock", Config::default())?;
 //! nbd.register(poll.registry(), NBD)?;
 //! loop {
-//!     poll.poll(&mut events, None)?;
+//!     // Sleep until readiness, or the next deadline (the handshake's).
+//!     poll.poll(&mut events, nbd_mio::poll_timeout_until(nbd.poll_timeout()))?;
 //!     for ev in events.iter() {
 //!         if ev.token() == NBD {
 //!             nbd.handle_event(ev);
 //!         }
 //!     }
+//!     nbd.handle_timeout(std::time::Instant::now());
 //!     while let Some(ev) = nbd.poll_event() {
 //!         match ev {
 //!             // Default configuration: the handshake ends with GO on its own.
@@ -79,6 +81,18 @@
 //! }
 //! # }
 //! ```
+//!
+//! ## Deadlines
+//! Time enters as in the loop above: [`NbdConnection::poll_timeout`]
+//! bounds the sleep, [`NbdConnection::handle_timeout`] acts on what is due
+//! (for many connections, [`next_deadline`] folds their deadlines into
+//! one). The handshake must finish within [`Config::handshake_timeout`]
+//! (30 s by default); commands get a deadline from
+//! [`Config::command_timeout`] or [`NbdConnection::set_deadline`]. A
+//! command that misses it, or that you [`NbdConnection::cancel`],
+//! completes at once with its buffer and the connection stays usable; its
+//! late reply is read and dropped. [`NbdConnection::abort`] ends the
+//! connection at once.
 //!
 //! With [`Config::opt_mode`] the handshake stops in the negotiating phase
 //! instead: call [`NbdConnection::opt_list`] (each export is an
@@ -110,11 +124,32 @@ mod connection;
 mod error;
 
 pub use connection::NbdConnection;
+
+use std::time::{Duration, Instant};
+
+/// The earliest deadline of many connections (see
+/// [`NbdConnection::poll_timeout`]): pass it to [`poll_timeout_until`] for
+/// one `Poll::poll` over all of them, then call
+/// [`NbdConnection::handle_timeout`] on each after the wake-up.
+pub fn next_deadline<'a>(
+    conns: impl IntoIterator<Item = &'a mut NbdConnection>,
+) -> Option<Instant> {
+    conns.into_iter().filter_map(|c| c.poll_timeout()).min()
+}
+
+/// The timeout for `Poll::poll` that wakes at `deadline` (`None`: no
+/// deadline, sleep until readiness). Rounds up to the next millisecond, so
+/// a wake-up never comes before the deadline and spins.
+pub fn poll_timeout_until(deadline: Option<Instant>) -> Option<Duration> {
+    let left = deadline?.saturating_duration_since(Instant::now());
+    let ms = left.as_nanos().div_ceil(1_000_000);
+    Some(Duration::from_millis(u64::try_from(ms).unwrap_or(u64::MAX)))
+}
 pub use error::{Error, Result};
 /// The mio this crate is built on, so embedders use the same version.
 pub use mio;
 pub use nbd_core::{
     self, CloseReason, CmdFlags, CommandError, Config, Cookie, Event, ExportInfo, Limits,
-    OptionKind, Phase, Refused, Strict, TlsMode, UsageError,
+    OptionKind, Phase, Refused, Strict, TimeoutPolicy, TlsMode, UsageError,
 };
 pub use nbd_driver::{IoStats, DEFAULT_MID_MESSAGE_RETRIES};

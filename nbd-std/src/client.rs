@@ -1,7 +1,9 @@
 //! [`Client`]: one NBD connection over a Unix or TCP socket, driven by
 //! `nbd-core`, with libnbd's blocking API and a pipelined (aio) API.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use nbd_core::{
@@ -12,7 +14,7 @@ use nbd_driver::{
     Completion, Connected, Demux, Driver, RecvUntil, Socket, Stream, Subprocess, TlsSettings,
     UriPolicy,
 };
-use rustix::event::{poll, PollFd, PollFlags};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::error::{Error, Result};
 
@@ -67,6 +69,22 @@ pub struct Client {
     /// The server process this client started, if any: declared after
     /// `socket`, so the socket closes first and the server can exit.
     process: Option<Subprocess>,
+    /// Chunk callbacks of structured reads in flight (`aio_pread_structured`).
+    chunk_fns: HashMap<Cookie, ChunkFn>,
+    /// The structured read a blocking `pread_structured` waits for, and its
+    /// chunks reported since the caller's callback last ran (at most one
+    /// turn of the I/O loop's worth).
+    own_read: Option<Cookie>,
+    own_chunks: Vec<(u64, u64, ReadChunkKind)>,
+}
+
+/// A chunk callback of [`Client::aio_pread_structured`].
+struct ChunkFn(Box<dyn FnMut(u64, u64, ReadChunkKind) + Send>);
+
+impl std::fmt::Debug for ChunkFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkFn")
+    }
 }
 
 impl Client {
@@ -74,33 +92,47 @@ impl Client {
     /// socket path, and runs the handshake (to the transmission phase, or
     /// to option mode with [`Config::opt_mode`]). The URI's export name
     /// overrides `cfg.export_name`.
+    ///
+    /// [`Config::handshake_timeout`] (30 s by default) bounds the whole
+    /// call, the TCP connect included; when it passes the call fails with
+    /// [`Error::Closed`] carrying
+    /// [`CloseReason::HandshakeTimedOut`] (or an [`Error::Io`] of kind
+    /// `TimedOut` from the TCP connect), and [`Error::io_kind`] is
+    /// `TimedOut` either way.
     pub fn connect(target: &str, mut cfg: Config) -> Result<Client> {
+        let start = Instant::now();
         let c = nbd_driver::connect(target, &mut cfg)?;
-        Client::handshake_connected(c, cfg)
+        Client::handshake_connected(c, cfg, start)
     }
 
     /// Connects to an NBD URI (the export name comes from the URI) and runs
-    /// the handshake; `nbds` URIs require TLS, with the credentials their
-    /// `tls-*` parameters name ([`nbd_driver::connect_uri`]).
+    /// the handshake, within [`Config::handshake_timeout`] as
+    /// [`Client::connect`]; `nbds` URIs require TLS, with the credentials
+    /// their `tls-*` parameters name ([`nbd_driver::connect_uri`]).
     pub fn connect_uri(uri: &str, mut cfg: Config) -> Result<Client> {
+        let start = Instant::now();
         let c = nbd_driver::connect_uri(uri, &mut cfg)?;
-        Client::handshake_connected(c, cfg)
+        Client::handshake_connected(c, cfg, start)
     }
 
     /// Connects to a Unix domain socket (a leading NUL byte names a Linux
-    /// abstract socket) and runs the handshake.
+    /// abstract socket) and runs the handshake, within
+    /// [`Config::handshake_timeout`].
     pub fn connect_unix(path: impl AsRef<Path>, cfg: Config) -> Result<Client> {
+        let start = Instant::now();
         let path = path.as_ref();
         let s = nbd_driver::connect_unix(path)?;
-        Client::handshake(s, path.display().to_string(), cfg)
+        Client::handshake(s, path.display().to_string(), cfg, start)
     }
 
     /// Connects over TCP, trying every address `addr` resolves to (with
-    /// `TCP_NODELAY`), and runs the handshake.
+    /// `TCP_NODELAY`), and runs the handshake, all within
+    /// [`Config::handshake_timeout`].
     pub fn connect_tcp(addr: impl std::net::ToSocketAddrs, cfg: Config) -> Result<Client> {
-        let s = nbd_driver::connect_tcp(addr)?;
+        let start = Instant::now();
+        let s = nbd_driver::connect::connect_tcp_within(addr, cfg.handshake_timeout)?;
         let target = s.peer_description();
-        Client::handshake(s, target, cfg)
+        Client::handshake(s, target, cfg, start)
     }
 
     /// Runs an NBD client over an already connected Unix stream (for
@@ -110,7 +142,7 @@ impl Client {
             context: "set_nonblocking".into(),
             source: e,
         })?;
-        Client::handshake(s, "socket".into(), cfg)
+        Client::handshake(s, "socket".into(), cfg, Instant::now())
     }
 
     /// Runs an NBD client over a connected stream socket given as a file
@@ -122,7 +154,7 @@ impl Client {
             source: e,
         })?;
         let target = s.peer_description();
-        Client::handshake(s, target, cfg)
+        Client::handshake(s, target, cfg, Instant::now())
     }
 
     /// Starts `argv` (program and arguments) as a server speaking NBD on
@@ -131,8 +163,9 @@ impl Client {
     /// `nbd_connect_command`). The server is stopped and reaped when the
     /// client is dropped ([`nbd_driver::Subprocess`]).
     pub fn connect_command(argv: &[impl AsRef<std::ffi::OsStr>], cfg: Config) -> Result<Client> {
+        let start = Instant::now();
         let c = nbd_driver::connect_command(argv)?;
-        Client::handshake_connected(c, cfg)
+        Client::handshake_connected(c, cfg, start)
     }
 
     /// Starts `argv` with systemd socket activation (a listening socket
@@ -145,8 +178,9 @@ impl Client {
         argv: &[impl AsRef<std::ffi::OsStr>],
         cfg: Config,
     ) -> Result<Client> {
+        let start = Instant::now();
         let c = nbd_driver::connect_socket_activation(argv, None)?;
-        Client::handshake_connected(c, cfg)
+        Client::handshake_connected(c, cfg, start)
     }
 
     /// The process ID of the server this client started
@@ -164,9 +198,10 @@ impl Client {
         if nbd_core::uri::is_nbd_uri(target) {
             Client::connect_uri_with(target, cfg, tls, &UriPolicy::trusted())
         } else {
+            let start = Instant::now();
             let mut c = nbd_driver::connect(target, &mut cfg)?;
             c.tls = tls;
-            Client::handshake_connected(c, cfg)
+            Client::handshake_connected(c, cfg, start)
         }
     }
 
@@ -181,8 +216,9 @@ impl Client {
         tls: TlsSettings,
         policy: &UriPolicy,
     ) -> Result<Client> {
+        let start = Instant::now();
         let c = nbd_driver::connect_uri_with(uri, &mut cfg, tls, policy)?;
-        Client::handshake_connected(c, cfg)
+        Client::handshake_connected(c, cfg, start)
     }
 
     /// Whether the session runs over TLS (libnbd's `nbd_get_tls_negotiated`).
@@ -195,29 +231,44 @@ impl Client {
     /// [`nbd_driver::connect_socket_activation`], [`nbd_driver::connect()`],
     /// ...), with its [`Connected::tls`] settings (set them first, e.g.
     /// for a TLS server started as a subprocess) and its server process.
+    /// The handshake deadline ([`Config::handshake_timeout`]) counts from
+    /// this call.
     pub fn from_connected(c: Connected, cfg: Config) -> Result<Client> {
-        Client::handshake_connected(c, cfg)
+        Client::handshake_connected(c, cfg, Instant::now())
     }
 
-    fn handshake_connected(c: Connected, cfg: Config) -> Result<Client> {
+    fn handshake_connected(c: Connected, cfg: Config, start: Instant) -> Result<Client> {
         let mut process = c.process;
-        Client::handshake_with(c.socket, c.target, cfg, c.tls, &mut process)
+        Client::handshake_with(c.socket, c.target, cfg, c.tls, start, &mut process)
     }
 
-    fn handshake(socket: Socket, target: String, cfg: Config) -> Result<Client> {
-        Client::handshake_with(socket, target, cfg, TlsSettings::default(), &mut None)
+    fn handshake(socket: Socket, target: String, cfg: Config, start: Instant) -> Result<Client> {
+        Client::handshake_with(
+            socket,
+            target,
+            cfg,
+            TlsSettings::default(),
+            start,
+            &mut None,
+        )
     }
 
+    /// `start`: when the connect began, which the handshake deadline
+    /// counts from.
     fn handshake_with(
         socket: Socket,
         target: String,
         cfg: Config,
         tls: TlsSettings,
+        start: Instant,
         process: &mut Option<Subprocess>,
     ) -> Result<Client> {
         let demux = Demux::with_capacity(cfg.limits.max_in_flight);
+        let deadline = cfg.handshake_timeout.and_then(|d| start.checked_add(d));
+        let mut conn = Connection::new(cfg, Instant::now());
+        conn.set_handshake_deadline(deadline);
         let mut c = Client {
-            conn: Connection::new(cfg),
+            conn,
             socket: Stream::new(socket),
             driver: Driver::new(target),
             tls,
@@ -229,6 +280,9 @@ impl Client {
             unsupported: None,
             spare: None,
             process: process.take(),
+            chunk_fns: HashMap::new(),
+            own_read: None,
+            own_chunks: Vec::new(),
         };
         let r = c.run_until(|c| c.conn.phase() != Phase::Connecting);
         // A server may close right after GO (the export is known by then):
@@ -264,6 +318,64 @@ impl Client {
         &self.conn
     }
 
+    // ----- deadlines and cancellation -----
+
+    /// Sets the deadline of every command submitted from now on (`None`:
+    /// no deadline, the default), replacing [`Config::command_timeout`].
+    /// A blocking command that misses it fails with
+    /// [`nbd_core::CommandError::TimedOut`] ([`Error::io_kind`] `TimedOut`)
+    /// and the connection stays usable; an aio command completes with that
+    /// error. The server may still carry out a command that timed out (a
+    /// write may be applied later); its late reply is dropped. To end the
+    /// connection on a timeout instead, set [`Config::on_command_timeout`].
+    pub fn set_command_timeout(&mut self, timeout: Option<Duration>) {
+        self.conn.set_command_timeout(timeout);
+    }
+
+    /// Gives one aio command a deadline (`None` removes it). Fails with
+    /// [`UsageError::NotInFlight`] once the command completed.
+    pub fn aio_set_deadline(&mut self, cookie: Cookie, deadline: Option<Instant>) -> Result<()> {
+        Ok(self.conn.set_deadline(cookie, deadline)?)
+    }
+
+    /// Cancels an aio command: it completes at once with
+    /// [`nbd_core::CommandError::Cancelled`] (retire it with
+    /// [`Client::aio_command_completed`] or [`Client::wait`]), its buffer
+    /// comes back in the [`Completion`], and the server's late reply is
+    /// dropped. The server may still carry the command out. Fails with
+    /// [`UsageError::NotInFlight`] once the command completed.
+    pub fn aio_cancel(&mut self, cookie: Cookie) -> Result<()> {
+        self.conn.cancel(cookie)?;
+        self.dispatch();
+        Ok(())
+    }
+
+    /// Ends the connection at once, without a goodbye: every command in
+    /// flight completes with [`nbd_core::CommandError::ConnectionClosed`]
+    /// and later calls fail with [`Error::Closed`]
+    /// ([`CloseReason::AbortedByCaller`]). For giving up on a server that
+    /// stopped answering; the polite end is [`Client::shutdown`].
+    pub fn abort(&mut self, reason: &str) {
+        self.conn.abort(reason);
+        self.dispatch();
+        self.driver.finish(&mut self.conn, &mut self.socket);
+    }
+
+    /// Acts on the deadlines that are due (reads the clock only when one is
+    /// pending); true if that was done, so the caller's condition may hold
+    /// now.
+    fn tick(&mut self) -> bool {
+        if let Some(due) = self.conn.poll_timeout() {
+            let now = Instant::now();
+            if due <= now {
+                self.conn.handle_timeout(now);
+                self.dispatch();
+                return true;
+            }
+        }
+        false
+    }
+
     // ----- the I/O loop -----
 
     fn check_open(&self) -> Result<()> {
@@ -282,14 +394,24 @@ impl Client {
     }
 
     /// Sends what is queued, reads what arrived, and handles events; blocks
-    /// in poll(2) only if nothing could be done and `block` is set.
-    fn pump(&mut self, block: bool) -> Result<()> {
+    /// in poll(2) only if nothing could be done and `block` is set, and
+    /// then not past the next deadline of the core or `until`.
+    fn pump(&mut self, block: bool, until: Option<Instant>) -> Result<()> {
+        self.pump_reads(block, until, READS_PER_TURN)
+    }
+
+    /// [`Client::pump`] with at most `reads` socket reads before the events
+    /// are handled.
+    fn pump_reads(&mut self, block: bool, until: Option<Instant>, reads: u32) -> Result<()> {
+        if self.tick() {
+            // A deadline passed: let the caller look before any wait.
+            self.driver.finish(&mut self.conn, &mut self.socket);
+            return Ok(());
+        }
         let w = self.driver.send(&mut self.conn, &mut self.socket, u32::MAX);
-        let r = self.driver.recv(
-            &mut self.conn,
-            &mut self.socket,
-            RecvUntil::Reads(READS_PER_TURN),
-        );
+        let r = self
+            .driver
+            .recv(&mut self.conn, &mut self.socket, RecvUntil::Reads(reads));
         self.dispatch();
         self.driver.finish(&mut self.conn, &mut self.socket);
         if w.progressed || r.progressed || r.more || !block {
@@ -305,9 +427,26 @@ impl Client {
         if interest.write {
             flags |= PollFlags::OUT;
         }
+        let due = match (self.conn.poll_timeout(), until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let timeout = match due {
+            Some(due) => match due.checked_duration_since(Instant::now()) {
+                // Round up: waking a little early would spin.
+                Some(d) if !d.is_zero() => Some(
+                    Timespec::try_from(d + Duration::from_micros(999)).unwrap_or(Timespec {
+                        tv_sec: i64::MAX,
+                        tv_nsec: 0,
+                    }),
+                ),
+                _ => return Ok(()), // due now: the caller's loop ticks
+            },
+            None => None,
+        };
         self.driver.count_wait();
         let mut fds = [PollFd::new(&self.socket, flags)];
-        match poll(&mut fds, None) {
+        match poll(&mut fds, timeout.as_ref()) {
             Ok(_) | Err(rustix::io::Errno::INTR) => {
                 if fds[0]
                     .revents()
@@ -326,10 +465,19 @@ impl Client {
 
     fn dispatch(&mut self) {
         while let Some(ev) = self.conn.poll_event() {
+            if let Event::CommandDone { cookie, .. } = &ev {
+                self.chunk_fns.remove(cookie);
+            }
             let Some(ev) = self.demux.handle(ev) else {
                 continue;
             };
             match ev {
+                Event::ReadChunk {
+                    cookie,
+                    offset,
+                    length,
+                    kind,
+                } => self.deliver_chunk(cookie, offset, length, kind),
                 Event::ExportListed { name, description } => self.listed.push((name, description)),
                 Event::MetaContext { name, .. } => self.contexts.push(name),
                 Event::OptionSucceeded(k) => self.opt_result = Some(Ok(k)),
@@ -346,7 +494,28 @@ impl Client {
         }
     }
 
-    fn run_until(&mut self, mut f: impl FnMut(&Client) -> bool) -> Result<()> {
+    /// Hands a read chunk to its read's callback, or to the blocking
+    /// `pread_structured` waiting for it; nothing else keeps it.
+    fn deliver_chunk(&mut self, cookie: Cookie, offset: u64, length: u64, kind: ReadChunkKind) {
+        if let Some(f) = self.chunk_fns.get_mut(&cookie) {
+            (f.0)(offset, length, kind);
+        } else if self.own_read == Some(cookie) {
+            self.own_chunks.push((offset, length, kind));
+        }
+    }
+
+    fn run_until(&mut self, f: impl FnMut(&Client) -> bool) -> Result<()> {
+        self.run_until_by(None, f)
+    }
+
+    /// [`Client::run_until`], giving up at `until` (the core's own
+    /// deadlines apply either way): the connection is then aborted and the
+    /// result is [`Error::Closed`] with [`CloseReason::AbortedByCaller`].
+    fn run_until_by(
+        &mut self,
+        until: Option<Instant>,
+        mut f: impl FnMut(&Client) -> bool,
+    ) -> Result<()> {
         loop {
             // Events a command queued without I/O (a repeated
             // STRUCTURED_REPLY / EXTENDED_HEADERS succeeds at once) must be
@@ -363,7 +532,12 @@ impl Client {
                         .unwrap_or(CloseReason::Aborted),
                 )));
             }
-            self.pump(true)?;
+            if until.is_some_and(|t| t <= Instant::now()) {
+                self.abort("timed out waiting for the server to finish");
+                let reason = self.conn.close_reason().cloned();
+                return Err(Error::Closed(reason.unwrap_or(CloseReason::Aborted)));
+            }
+            self.pump(true, until)?;
         }
     }
 
@@ -393,7 +567,7 @@ impl Client {
         if r.is_err() {
             // An older server may hang up right after a failure: notice it now
             // if it already did.
-            let _ = self.pump(false);
+            let _ = self.pump(false, None);
         }
         r
     }
@@ -454,7 +628,7 @@ impl Client {
             return Ok(());
         }
         let r = self.opt_result.take();
-        let _ = self.pump(false);
+        let _ = self.pump(false, None);
         match r {
             Some(Err(e)) => Err(e),
             _ => self.check_open(),
@@ -469,16 +643,17 @@ impl Client {
     pub fn opt_abort(&mut self) -> Result<()> {
         self.refuse_if_ended()?;
         self.conn.opt_abort()?;
-        self.finish_writes();
-        let _ = self.run_until(|c| c.conn.is_finished());
+        let until = self.goodbye_deadline();
+        self.finish_writes_by(until);
+        let _ = self.run_until_by(until, |c| c.conn.is_finished());
         self.check_open()
     }
 
     /// After `NBD_CMD_DISC` or `NBD_OPT_ABORT`: sends what is queued, then
     /// shuts the socket down for writing (as libnbd does), so a server that
     /// waits for the client's EOF cannot leave the wait for its close hanging.
-    fn finish_writes(&mut self) {
-        let _ = self.run_until(|c| !c.conn.wants_write() || c.conn.is_finished());
+    fn finish_writes_by(&mut self, until: Option<Instant>) {
+        let _ = self.run_until_by(until, |c| !c.conn.wants_write() || c.conn.is_finished());
         self.driver.shutdown_write(&self.conn, &mut self.socket);
     }
 
@@ -643,12 +818,36 @@ impl Client {
             .map_err(UsageError::from)?)
     }
 
-    /// Queues a read that also reports every structured chunk.
+    /// Queues a read that also reports every structured chunk to `chunk`
+    /// as `(offset, length, kind)`, in arrival order (libnbd's
+    /// `aio_pread_structured` with its chunk callback): an error chunk as
+    /// [`ReadChunkKind::Error`] with length 0 at its offset (the request's
+    /// offset if it named none). `chunk` is called from the I/O loop of
+    /// whichever call makes progress ([`Client::wait`], [`Client::poll`],
+    /// ...), as each chunk's header arrives: the data is in the buffer once
+    /// the [`Completion`] comes. It is dropped when the read completes.
+    ///
+    /// Nothing is kept per chunk: a read answered as one chunk per byte
+    /// costs the client what one answered in one chunk does, besides the
+    /// chunks of one turn of the I/O loop (up to 16 socket reads of at most
+    /// 256 KiB) waiting for `chunk`. What `chunk` keeps is up to it.
     ///
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
     pub fn aio_pread_structured(
+        &mut self,
+        buf: BytesMut,
+        offset: u64,
+        flags: CmdFlags,
+        chunk: impl FnMut(u64, u64, ReadChunkKind) + Send + 'static,
+    ) -> Result<Cookie> {
+        let cookie = self.queue_structured_read(buf, offset, flags)?;
+        self.chunk_fns.insert(cookie, ChunkFn(Box::new(chunk)));
+        Ok(cookie)
+    }
+
+    fn queue_structured_read(
         &mut self,
         buf: BytesMut,
         offset: u64,
@@ -736,7 +935,7 @@ impl Client {
 
     /// Makes progress: sends, receives, and blocks until something happens.
     pub fn poll(&mut self) -> Result<()> {
-        self.pump(true)?;
+        self.pump(true, None)?;
         self.check_open()
     }
 
@@ -802,8 +1001,19 @@ impl Client {
         Ok(c.buffer.unwrap_or_default())
     }
 
-    /// Reads with structured-reply details: returns the chunks seen as
-    /// (offset, length, kind), in arrival order (libnbd's `pread_structured`).
+    /// Reads `buf.len()` bytes at `offset` with structured-reply details
+    /// (libnbd's `pread_structured`): `chunk` is called with each chunk as
+    /// `(offset, length, kind)`, in arrival order, while the call waits;
+    /// an error chunk comes as [`ReadChunkKind::Error`] with length 0 at
+    /// its offset (the request's offset if it named none). `buf` holds the
+    /// data once the call returns `Ok`.
+    ///
+    /// Nothing is kept per chunk: besides the read's buffer, the client
+    /// holds the chunks of one socket read (at most 256 KiB of input, so at
+    /// most about 10,000 chunks of 26 bytes or more) until `chunk` has seen
+    /// them, however many chunks the server splits the read into. A read of
+    /// 2 MiB sent as 2^21 one-byte chunks costs about what one sent in one
+    /// chunk does.
     ///
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
@@ -813,16 +1023,49 @@ impl Client {
         buf: &mut [u8],
         offset: u64,
         flags: CmdFlags,
-    ) -> Result<Vec<(u64, u64, ReadChunkKind)>> {
-        let mut b = BytesMut::zeroed(buf.len());
-        b.truncate(buf.len());
-        let cookie = self.aio_pread_structured(b, offset, flags)?;
-        let c = self.wait(cookie)?;
-        if let (Ok(()), Some(b)) = (&c.result, &c.buffer) {
-            buf.copy_from_slice(&b[..buf.len()]);
+        mut chunk: impl FnMut(u64, u64, ReadChunkKind),
+    ) -> Result<()> {
+        let mut b = self.spare.take().unwrap_or_default();
+        b.resize(buf.len(), 0);
+        let cookie = self.queue_structured_read(b, offset, flags)?;
+        self.own_read = Some(cookie);
+        self.own_chunks.clear();
+        let r = loop {
+            self.dispatch();
+            for (o, l, k) in self.own_chunks.drain(..) {
+                chunk(o, l, k);
+            }
+            if self.demux.is_done(cookie) {
+                break Ok(());
+            }
+            if self.conn.is_finished() {
+                break self.check_open().and(Err(Error::Closed(
+                    self.conn
+                        .close_reason()
+                        .cloned()
+                        .unwrap_or(CloseReason::Aborted),
+                )));
+            }
+            // One socket read a turn: the events waiting for `chunk` are
+            // then those of at most one receive buffer.
+            if let Err(e) = self.pump_reads(true, None, 1) {
+                break Err(e);
+            }
+        };
+        self.own_read = None;
+        // Keep the capacity of a few chunks, not of a hostile turn's worth.
+        self.own_chunks.clear();
+        self.own_chunks.shrink_to(4096);
+        let Some(c) = self.demux.take(cookie) else {
+            return Err(r.err().unwrap_or(Error::Closed(CloseReason::Aborted)));
+        };
+        if let Some(b) = c.buffer {
+            if c.result.is_ok() {
+                buf.copy_from_slice(&b[..buf.len()]);
+            }
+            self.spare = Some(b);
         }
-        c.result.map_err(Error::from)?;
-        Ok(c.chunks)
+        c.result.map_err(Error::from)
     }
 
     /// Writes `buf` at `offset`.
@@ -926,7 +1169,13 @@ impl Client {
         match self.conn.phase() {
             Phase::Negotiating => self.opt_abort(),
             Phase::Ready => {
-                self.run_until(|c| c.conn.in_flight() == 0)?;
+                // Replies to requests in flight, then the server's close, are
+                // awaited for at most the handshake timeout (spec, "Terminating
+                // the transmission phase": the client SHOULD wait for them
+                // before NBD_CMD_DISC; an abandoned request's reply may
+                // never come).
+                let until = self.goodbye_deadline();
+                self.run_until_by(until, |c| c.conn.in_flight() == 0)?;
                 // The core may have sent NBD_CMD_DISC already (rule 104:
                 // soft disconnect after an ESHUTDOWN reply); then only the
                 // server's close is awaited.
@@ -934,12 +1183,21 @@ impl Client {
                     Ok(()) | Err(UsageError::WrongPhase { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
-                self.finish_writes();
-                let _ = self.run_until(|c| c.conn.is_finished());
+                self.finish_writes_by(until);
+                let _ = self.run_until_by(until, |c| c.conn.is_finished());
                 self.shutdown_result()
             }
             _ => self.shutdown_result(),
         }
+    }
+
+    /// How long a polite end may wait for the server: the handshake
+    /// timeout, from now.
+    fn goodbye_deadline(&self) -> Option<Instant> {
+        self.conn
+            .config()
+            .handshake_timeout
+            .and_then(|d| Instant::now().checked_add(d))
     }
 
     fn shutdown_result(&self) -> Result<()> {

@@ -74,7 +74,7 @@ impl Error {
             Error::Usage(_) | Error::Uri(_) => K::InvalidInput,
             Error::Option { error, .. } => error.reply.io_kind(),
             Error::Command(e) => e.io_kind(),
-            Error::Closed(_) => K::NotConnected,
+            Error::Closed(r) => r.io_kind(),
             Error::Io { source, .. } => source.kind(),
             Error::Unsupported(_) => K::Unsupported,
             Error::Tls(nbd_driver::TlsError::PskUnsupported(_)) => K::Unsupported,

@@ -77,6 +77,6 @@ pub use file::{NbdFile, DEFAULT_READ_AHEAD};
 pub use nbd_core::{
     self, consts, BlockSize, CloseReason, CmdFlags, CommandError, Config, Cookie, ExportInfo,
     Extent, Limits, NbdErrno, OptionError, OptionKind, Phase, ReadChunkKind, Refused, Strict,
-    TlsMode, UsageError,
+    TimeoutPolicy, TlsMode, UsageError,
 };
 pub use nbd_driver::{self, Completion, IoStats, TlsError, TlsSettings, UriPolicy};

@@ -87,14 +87,22 @@ pub fn cargo() -> Command {
     Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
 }
 
-/// Builds nbd-std's examples (once per process) and returns the directory
+/// Builds the examples of nbd-std and nbd-mio (once per process) and returns the directory
 /// that holds them.
 pub fn examples_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let workspace = workspace_dir();
         let out = cargo()
-            .args(["build", "-q", "-p", "nbd-std", "--examples"])
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "nbd-std",
+                "-p",
+                "nbd-mio",
+                "--examples",
+            ])
             .current_dir(&workspace)
             .output()
             .expect("run cargo build");

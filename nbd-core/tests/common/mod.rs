@@ -119,7 +119,7 @@ impl Pair {
     /// A new connection with `cfg`; nothing fed yet.
     pub fn new(cfg: Config) -> Pair {
         Pair {
-            conn: Connection::new(cfg),
+            conn: Connection::new(cfg, std::time::Instant::now()),
             mode: HeaderMode::Simple,
             events: Vec::new(),
             wire: Vec::new(),
@@ -605,6 +605,7 @@ pub struct Setup {
     contexts: Vec<(u32, &'static str)>,
     strict: Strict,
     limits: Limits,
+    tweak: fn(&mut Config),
 }
 
 impl Setup {
@@ -619,6 +620,7 @@ impl Setup {
             contexts: Vec::new(),
             strict: Strict::ALL,
             limits: Limits::default(),
+            tweak: |_| {},
         }
     }
     pub fn size(mut self, size: u64) -> Self {
@@ -648,12 +650,18 @@ impl Setup {
         self.limits = l;
         self
     }
+    /// Any other setting of the client's config (timeouts, ...).
+    pub fn tweak(mut self, f: fn(&mut Config)) -> Self {
+        self.tweak = f;
+        self
+    }
 
     pub fn config(&self) -> Config {
         let mut cfg = Config::default();
         cfg.meta_contexts = self.contexts.iter().map(|(_, n)| n.to_string()).collect();
         cfg.strict = self.strict;
         cfg.limits = self.limits.clone();
+        (self.tweak)(&mut cfg);
         cfg
     }
 

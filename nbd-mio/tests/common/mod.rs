@@ -47,6 +47,32 @@ impl Harness {
         }
     }
 
+    /// One turn of the loop with the timers, the way the crate docs show:
+    /// sleep until readiness or the connection's next deadline, hand over
+    /// the events, then the time.
+    pub fn turn_timed(&mut self) {
+        let due = self.nbd.poll_timeout();
+        let timeout = nbd_mio::poll_timeout_until(due).map_or(TIMEOUT, |t| t.min(TIMEOUT));
+        self.poll
+            .poll(&mut self.events, Some(timeout))
+            .expect("poll");
+        for ev in self.events.iter() {
+            assert_eq!(ev.token(), NBD);
+            self.nbd.handle_event(ev);
+        }
+        self.nbd.handle_timeout(std::time::Instant::now());
+    }
+
+    /// The next core event, with the timers running.
+    pub fn next_event_timed(&mut self) -> Event {
+        loop {
+            if let Some(ev) = self.nbd.poll_event() {
+                return ev;
+            }
+            self.turn_timed();
+        }
+    }
+
     /// The next core event, turning the loop as long as needed.
     pub fn next_event(&mut self) -> Event {
         loop {
