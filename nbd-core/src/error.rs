@@ -405,6 +405,11 @@ impl fmt::Display for OptionError {
         if !self.message.is_empty() {
             write!(f, ": {}", escape_server_text(&self.message))?;
         }
+        if self.reply == RepError::TlsReqd {
+            // Name the cause and the cure (doc/proto.md, section "TLS
+            // support": the server refuses options before STARTTLS).
+            f.write_str(" (the server requires TLS: connect with an nbds URI or a TLS mode)")?;
+        }
         Ok(())
     }
 }

@@ -9,8 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nbd_core::uri::{NbdUri, Transport as UriTransport, UriError};
-use nbd_core::Config;
+use nbd_core::{Config, TlsMode};
 
+use crate::tls::TlsSettings;
 use crate::transport::Socket;
 
 /// Why connecting failed before any NBD byte was exchanged.
@@ -20,10 +21,17 @@ pub enum ConnectError {
     /// The target looked like an NBD URI but did not parse.
     #[error("invalid NBD URI: {0}")]
     Uri(#[from] UriError),
-    /// The URI asks for something no transport here offers yet (TLS,
-    /// vsock).
+    /// The URI asks for something no transport here offers yet (vsock).
     #[error("not supported yet: {0}")]
     Unsupported(String),
+    /// The URI uses something its [`UriPolicy`] does not allow (a
+    /// transport, TLS or plain text, a local file): libnbd's allow-lists
+    /// for URIs from untrusted sources.
+    #[error("the URI is not allowed: {0}")]
+    NotAllowed(String),
+    /// The TLS settings cannot work (TLS-PSK in a build without it).
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// A socket call failed: resolving the host, or connecting (for TCP,
     /// the error of the last address tried).
     #[error("{context}: {source}")]
@@ -49,6 +57,10 @@ pub struct Connected {
     /// keep it for as long as the connection and drop it after the
     /// socket; its drop stops and reaps the server.
     pub process: Option<crate::process::Subprocess>,
+    /// The TLS settings to use if the server starts TLS: those given,
+    /// with the URI's `tls-*` parameters applied and, for TCP, the host as
+    /// the name to verify unless `tls-hostname` named one.
+    pub tls: TlsSettings,
 }
 
 impl Connected {
@@ -58,8 +70,133 @@ impl Connected {
             socket,
             target: target.into(),
             process: None,
+            tls: TlsSettings::default(),
         }
     }
+}
+
+/// Which TLS a URI may ask for ([`UriPolicy::allow_tls`]), as libnbd's
+/// `nbd_set_uri_allow_tls`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AllowTls {
+    /// Plain `nbd` URIs only.
+    Disable,
+    /// Either (the default).
+    Allow,
+    /// TLS URIs (`nbds...`) only.
+    Require,
+}
+
+/// What a URI may ask for, as libnbd's `nbd_set_uri_allow_transports`,
+/// `nbd_set_uri_allow_tls` and `nbd_set_uri_allow_local_file`. Use
+/// [`UriPolicy::untrusted`] for URIs from somewhere you do not trust (a
+/// configuration a remote party controls): it refuses the parameters that
+/// read local files. [`connect()`] and [`connect_uri`] use
+/// [`UriPolicy::trusted`], for URIs the user typed (as nbdinfo does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct UriPolicy {
+    /// `nbd://` and `nbds://` may be used.
+    pub allow_tcp: bool,
+    /// `nbd+unix://` and `nbds+unix://` may be used.
+    pub allow_unix: bool,
+    /// `nbd+vsock://` and `nbds+vsock://` may be used.
+    pub allow_vsock: bool,
+    /// Which TLS the scheme may ask for.
+    pub allow_tls: AllowTls,
+    /// `tls-certificates=` and `tls-psk-file=` may name local files.
+    pub allow_local_file: bool,
+}
+
+impl UriPolicy {
+    /// Everything allowed: for URIs the user gave directly.
+    pub fn trusted() -> UriPolicy {
+        UriPolicy {
+            allow_tcp: true,
+            allow_unix: true,
+            allow_vsock: true,
+            allow_tls: AllowTls::Allow,
+            allow_local_file: true,
+        }
+    }
+
+    /// libnbd's defaults for a handle: every transport, TLS or not, but no
+    /// local files. Tighten the fields further as needed.
+    pub fn untrusted() -> UriPolicy {
+        UriPolicy {
+            allow_local_file: false,
+            ..UriPolicy::trusted()
+        }
+    }
+
+    fn check(&self, u: &NbdUri) -> Result<(), ConnectError> {
+        let (ok, what) = match u.transport {
+            UriTransport::Tcp { .. } => (self.allow_tcp, "TCP"),
+            UriTransport::Unix { .. } => (self.allow_unix, "Unix socket"),
+            UriTransport::Vsock { .. } => (self.allow_vsock, "vsock"),
+        };
+        if !ok {
+            return Err(ConnectError::NotAllowed(format!("the {what} transport")));
+        }
+        match (self.allow_tls, u.tls) {
+            (AllowTls::Disable, true) => {
+                return Err(ConnectError::NotAllowed(format!("TLS ({})", u.scheme())))
+            }
+            (AllowTls::Require, false) => {
+                return Err(ConnectError::NotAllowed(format!(
+                    "plain text ({}; TLS is required)",
+                    u.scheme()
+                )))
+            }
+            _ => {}
+        }
+        if !self.allow_local_file {
+            for (name, set) in [
+                ("tls-certificates", u.tls_certificates.is_some()),
+                ("tls-psk-file", u.tls_psk_file.is_some()),
+            ] {
+                if set {
+                    return Err(ConnectError::NotAllowed(format!(
+                        "{name}= names a local file"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies a URI's TLS parts to `cfg` and `tls`: an `nbds` scheme
+/// requires TLS; `tls-certificates`, `tls-verify-peer`, `tls-hostname`,
+/// `tls-psk-file` and the user name fill the settings of the same name;
+/// for TCP the host becomes the name to verify unless one was set.
+fn apply_tls(u: &NbdUri, cfg: &mut Config, tls: &mut TlsSettings) -> Result<(), ConnectError> {
+    if u.tls {
+        cfg.tls = TlsMode::Require;
+    }
+    if let Some(d) = &u.tls_certificates {
+        tls.certificates = Some(d.clone());
+    }
+    if let Some(v) = u.tls_verify_peer {
+        tls.verify_peer = v;
+    }
+    if let Some(h) = &u.tls_hostname {
+        tls.hostname = Some(h.clone());
+    }
+    if let Some(n) = &u.username {
+        tls.username = Some(n.clone());
+    }
+    if let Some(p) = &u.tls_psk_file {
+        tls.psk_file = Some(p.clone());
+    }
+    if let (None, UriTransport::Tcp { host, .. }) = (&tls.hostname, &u.transport) {
+        tls.hostname = Some(host.clone());
+    }
+    if cfg.tls != TlsMode::Disable {
+        crate::tls::check_settings(tls)?;
+    }
+    Ok(())
 }
 
 /// Connects to `target`: an NBD URI (`nbd://`, `nbd+unix://`; its export
@@ -75,18 +212,27 @@ pub fn connect(target: &str, cfg: &mut Config) -> Result<Connected, ConnectError
     }
 }
 
-/// Connects to an NBD URI; its export name replaces `cfg.export_name`.
-/// TLS URIs (`nbds`, `nbds+unix`) and vsock give
-/// [`ConnectError::Unsupported`]: a client without TLS must not connect
-/// in plain text where the URI requires TLS (doc/proto.md, "TLS support").
+/// Connects to an NBD URI the user gave ([`UriPolicy::trusted`]); its
+/// export name replaces `cfg.export_name`, an `nbds` scheme sets
+/// `cfg.tls` to [`TlsMode::Require`], and its `tls-*` parameters are in
+/// [`Connected::tls`]. vsock gives [`ConnectError::Unsupported`].
 pub fn connect_uri(uri: &str, cfg: &mut Config) -> Result<Connected, ConnectError> {
+    connect_uri_with(uri, cfg, TlsSettings::default(), &UriPolicy::trusted())
+}
+
+/// Connects to an NBD URI as [`connect_uri`] does, starting from the TLS
+/// settings `tls` (the URI's parameters override the ones they name) and
+/// refusing what `policy` does not allow before connecting. Call it for
+/// URIs from untrusted sources, with [`UriPolicy::untrusted`].
+pub fn connect_uri_with(
+    uri: &str,
+    cfg: &mut Config,
+    mut tls: TlsSettings,
+    policy: &UriPolicy,
+) -> Result<Connected, ConnectError> {
     let u = NbdUri::parse(uri)?;
-    if u.tls {
-        return Err(ConnectError::Unsupported(format!(
-            "{} URIs: TLS is not implemented yet",
-            u.scheme()
-        )));
-    }
+    policy.check(&u)?;
+    apply_tls(&u, cfg, &mut tls)?;
     let socket = match &u.transport {
         UriTransport::Unix { path } => connect_unix(path)?,
         UriTransport::Tcp { host, port } => {
@@ -99,7 +245,9 @@ pub fn connect_uri(uri: &str, cfg: &mut Config) -> Result<Connected, ConnectErro
         }
     };
     cfg.export_name = u.export_name;
-    Ok(Connected::new(socket, uri))
+    let mut c = Connected::new(socket, uri);
+    c.tls = tls;
+    Ok(c)
 }
 
 /// Connects to a Unix domain socket. A leading NUL byte names the Linux
@@ -269,9 +417,92 @@ mod tests {
     }
 
     #[test]
-    fn tls_uris_are_refused_before_connecting() {
+    fn tls_uri_parameters_fill_the_settings() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
         let mut cfg = Config::default();
-        let e = connect("nbds+unix:///?socket=/nonexistent", &mut cfg).unwrap_err();
-        assert!(matches!(e, ConnectError::Unsupported(_)), "{e}");
+        let c = connect(
+            &format!("nbds://127.0.0.1:{port}/e?tls-certificates=/pki&tls-verify-peer=0"),
+            &mut cfg,
+        )
+        .unwrap();
+        assert_eq!(cfg.tls, TlsMode::Require);
+        assert_eq!(c.tls.certificates.as_deref(), Some(Path::new("/pki")));
+        assert!(!c.tls.verify_peer);
+        assert_eq!(c.tls.hostname.as_deref(), Some("127.0.0.1"));
+        let c = connect(
+            &format!("nbds://127.0.0.1:{port}/e?tls-hostname=srv.example"),
+            &mut cfg,
+        )
+        .unwrap();
+        assert_eq!(c.tls.hostname.as_deref(), Some("srv.example"));
+        // A Unix socket has no host: the default name is used later.
+        let mut cfg = Config::default();
+        let e = connect("nbds+unix:///?socket=/nonexistent/s", &mut cfg).unwrap_err();
+        assert!(matches!(e, ConnectError::Io { .. }), "{e}");
+        assert_eq!(cfg.tls, TlsMode::Require);
+    }
+
+    #[cfg(not(feature = "tls-psk"))]
+    #[test]
+    fn psk_without_the_feature_is_refused_before_connecting() {
+        let mut cfg = Config::default();
+        let e = connect(
+            "nbds+unix://alice@/?socket=/nonexistent/s&tls-psk-file=/nonexistent/k",
+            &mut cfg,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, ConnectError::Tls(crate::TlsError::PskUnsupported(_))),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn untrusted_policy_refuses_local_files_and_more() {
+        let mut cfg = Config::default();
+        let un = UriPolicy::untrusted();
+        let d = TlsSettings::default();
+        let e = connect_uri_with(
+            "nbds+unix:///?socket=/s&tls-certificates=/etc",
+            &mut cfg,
+            d.clone(),
+            &un,
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConnectError::NotAllowed(_)), "{e}");
+        let e = connect_uri_with(
+            "nbds+unix:///?socket=/s&tls-psk-file=/k",
+            &mut cfg,
+            d.clone(),
+            &un,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("tls-psk-file"), "{e}");
+        let no_unix = UriPolicy {
+            allow_unix: false,
+            ..un
+        };
+        let e =
+            connect_uri_with("nbd+unix:///?socket=/s", &mut cfg, d.clone(), &no_unix).unwrap_err();
+        assert!(e.to_string().contains("Unix"), "{e}");
+        let tls_only = UriPolicy {
+            allow_tls: AllowTls::Require,
+            ..un
+        };
+        let e = connect_uri_with("nbd://h/", &mut cfg, d.clone(), &tls_only).unwrap_err();
+        assert!(e.to_string().contains("TLS is required"), "{e}");
+        let no_tls = UriPolicy {
+            allow_tls: AllowTls::Disable,
+            ..un
+        };
+        let e = connect_uri_with("nbds://h/", &mut cfg, d.clone(), &no_tls).unwrap_err();
+        assert!(matches!(e, ConnectError::NotAllowed(_)), "{e}");
+        let no_vsock = UriPolicy {
+            allow_vsock: false,
+            ..un
+        };
+        let e = connect_uri_with("nbd+vsock://3:10809/", &mut cfg, d, &no_vsock).unwrap_err();
+        assert!(e.to_string().contains("vsock"), "{e}");
     }
 }

@@ -8,6 +8,7 @@ use std::net::Shutdown;
 
 use nbd_core::{Connection, Phase};
 
+use crate::tls::{Stream, TlsError, TlsSettings};
 use crate::transport::Transport;
 
 /// Default for [`Driver::set_mid_message_retries`]: 16 calls, a few
@@ -19,10 +20,6 @@ pub const DEFAULT_MID_MESSAGE_RETRIES: u32 = 16;
 /// Most slices handed to one vectored write: eight small writes (header
 /// and payload each) per system call; what does not fit goes next call.
 const MAX_SLICES: usize = 16;
-
-/// The message of [`nbd_core::CloseReason::Transport`] when the server asks
-/// for TLS.
-const NO_TLS: &str = "the server requires TLS, which this client does not implement yet";
 
 /// Counters of the socket calls a connection made, for diagnostics and
 /// benchmarks (system calls per request, how often writes were partial).
@@ -108,6 +105,10 @@ pub struct Driver {
     got_bytes: bool,
     /// The transport was shut down after the core ended.
     shut: bool,
+    /// A transport handshake (TLS) is running, waiting for this readiness.
+    handshake: Option<Interest>,
+    /// Why TLS failed, if it did.
+    tls_error: Option<TlsError>,
 }
 
 impl Driver {
@@ -121,6 +122,8 @@ impl Driver {
             write_blocked: false,
             got_bytes: false,
             shut: false,
+            handshake: None,
+            tls_error: None,
         }
     }
 
@@ -155,16 +158,104 @@ impl Driver {
 
     /// The readiness the connection needs now; `None` once it has ended.
     /// Call it after [`Driver::send`] has flushed what it could: queued
-    /// output then means the transport was full.
-    pub fn interest(&self, conn: &Connection) -> Option<Interest> {
+    /// output (the core's, or records inside the transport) then means the
+    /// transport was full; while a TLS handshake runs, what it waits for.
+    pub fn interest<T: Transport + ?Sized>(&self, conn: &Connection, t: &T) -> Option<Interest> {
         if self.shut || conn.is_finished() {
             return None;
         }
+        if let Some(i) = self.handshake {
+            return Some(i);
+        }
         let i = Interest {
             read: conn.wants_read(),
-            write: conn.wants_write(),
+            write: conn.wants_write() || t.pending_output(),
         };
         (i.read || i.write).then_some(i)
+    }
+
+    /// Why TLS failed, once it has: the typed cause behind the
+    /// connection's [`nbd_core::CloseReason::Transport`] message. Adapters
+    /// return it from their connect calls.
+    pub fn tls_error(&self) -> Option<&TlsError> {
+        self.tls_error.as_ref()
+    }
+
+    /// Whether a TLS handshake started by [`Driver::start_tls`] is running.
+    pub fn is_handshaking(&self) -> bool {
+        self.handshake.is_some()
+    }
+
+    /// Starts TLS after the core emitted `Event::StartTls` (the server
+    /// acknowledged `NBD_OPT_STARTTLS`): switches `stream` to a TLS
+    /// session with `settings` and runs the handshake as far as the socket
+    /// allows now; [`Driver::send`] and [`Driver::recv`] carry it on, and
+    /// tell the core ([`Connection::tls_established`]) when it completes.
+    /// A failure ends the connection, with [`Driver::tls_error`] telling
+    /// why.
+    pub fn start_tls(
+        &mut self,
+        conn: &mut Connection,
+        stream: &mut Stream,
+        settings: &TlsSettings,
+    ) {
+        match stream.start_tls(settings) {
+            Ok(()) => {
+                self.handshake = Some(Interest {
+                    read: false,
+                    write: true,
+                });
+                self.drive_handshake(conn, stream);
+            }
+            Err(e) => {
+                conn.handle_transport_error(format!("TLS: {e}"));
+                self.tls_error = Some(e);
+                self.finish(conn, stream);
+            }
+        }
+    }
+
+    /// One step of a running handshake; true if its state changed.
+    fn drive_handshake<T: Transport + ?Sized>(&mut self, conn: &mut Connection, t: &mut T) -> bool {
+        let Some(before) = self.handshake else {
+            return false;
+        };
+        match t.handshake() {
+            Ok(None) => {
+                self.handshake = None;
+                self.got_bytes = true;
+                if conn.tls_established().is_err() && !conn.is_finished() {
+                    conn.handle_transport_error(
+                        "TLS completed, but the core was not waiting for it",
+                    );
+                }
+                true
+            }
+            Ok(Some(i)) => {
+                self.handshake = Some(i);
+                if i.write {
+                    self.write_blocked = true;
+                }
+                i != before
+            }
+            Err(e) => {
+                self.handshake = None;
+                self.note_tls(&e);
+                let m = match TlsError::from_io(&e) {
+                    Some(t) => format!("TLS: {t}"),
+                    None => self.failure("TLS handshake", &e),
+                };
+                conn.handle_transport_error(m);
+                self.finish(conn, t);
+                true
+            }
+        }
+    }
+
+    fn note_tls(&mut self, e: &io::Error) {
+        if self.tls_error.is_none() {
+            self.tls_error = TlsError::from_io(e).cloned();
+        }
     }
 
     /// Tells the driver the transport reported writable, so a write that
@@ -184,6 +275,31 @@ impl Driver {
         max_writes: u32,
     ) -> Progress {
         let mut p = Progress::default();
+        if self.handshake.is_some() {
+            self.write_blocked = false;
+            p.progressed = self.drive_handshake(conn, t);
+            if self.handshake.is_some() {
+                return p;
+            }
+        }
+        if !self.write_blocked && t.pending_output() && !self.shut {
+            match t.flush_pending() {
+                Ok(()) => p.progressed = true,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.write_blocked = true;
+                    return p;
+                }
+                Err(e) => {
+                    self.note_tls(&e);
+                    if !conn.is_finished() {
+                        let m = self.failure("write", &e);
+                        conn.handle_transport_error(m);
+                    }
+                    p.progressed = true;
+                    return p;
+                }
+            }
+        }
         let mut budget = max_writes;
         let mut retries = self.mid_message_retries;
         while !self.write_blocked && conn.wants_write() && !self.shut {
@@ -222,6 +338,7 @@ impl Driver {
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
+                    self.note_tls(&e);
                     if !conn.is_finished() {
                         let m = self.failure("write", &e);
                         conn.handle_transport_error(m);
@@ -246,6 +363,12 @@ impl Driver {
         until: RecvUntil,
     ) -> Progress {
         let mut p = Progress::default();
+        if self.handshake.is_some() {
+            p.progressed = self.drive_handshake(conn, t);
+            if self.handshake.is_some() {
+                return p;
+            }
+        }
         let mut retries = self.mid_message_retries;
         let mut reads_left = match until {
             RecvUntil::Reads(n) => n,
@@ -312,12 +435,20 @@ impl Driver {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
-                    let m = self.failure("read", &e);
+                    self.note_tls(&e);
+                    let m = match TlsError::from_io(&e) {
+                        Some(t) => format!("TLS: {t}"),
+                        None => self.failure("read", &e),
+                    };
                     conn.handle_transport_error(m);
                     p.progressed = true;
                     break;
                 }
             }
+        }
+        if t.buffered_input() && conn.wants_read() && !self.shut {
+            // The socket will not announce these bytes: read on first.
+            p.more = true;
         }
         p
     }
@@ -376,13 +507,5 @@ impl Driver {
             let _ = t.shutdown(Shutdown::Both);
             self.shut = true;
         }
-    }
-
-    /// Ends the connection because the server asked for TLS
-    /// (`Event::StartTls`), which no transport here implements yet; the
-    /// connection closes with [`nbd_core::CloseReason::Transport`].
-    pub fn refuse_start_tls<T: Transport + ?Sized>(&mut self, conn: &mut Connection, t: &mut T) {
-        conn.handle_transport_error(NO_TLS);
-        self.finish(conn, t);
     }
 }

@@ -6,8 +6,16 @@
 //! pieces for it. They are written once, here:
 //!
 //! - [`Transport`]: the byte pipe (read, vectored read, vectored write,
-//!   shutdown), with [`Socket`] for Unix and TCP sockets. TLS and vsock
-//!   will be one more implementation each.
+//!   shutdown, and a handshake and buffered bytes for TLS), with
+//!   [`Socket`] for Unix and TCP sockets and [`Stream`], a socket that
+//!   switches to TLS when the server acknowledges `NBD_OPT_STARTTLS`
+//!   ([`Driver::start_tls`]): X.509 on rustls (ring), TLS-PSK on OpenSSL
+//!   with the `tls-psk` feature; [`TlsSettings`] and [`TlsError`] in
+//!   [`tls`].
+//! - vsock (`nbd+vsock://`) gives [`ConnectError::Unsupported`]: opening an
+//!   `AF_VSOCK` socket needs raw socket-address code that this crate's
+//!   `forbid(unsafe_code)` rules out, and the machine it was written on
+//!   has no vsock loopback to test it against.
 //! - [`connect()`]: NBD URIs and Unix paths (including Linux abstract
 //!   names), TCP trying every resolved address with `TCP_NODELAY`;
 //!   [`connect_command`] and [`connect_socket_activation`] start the
@@ -25,26 +33,28 @@
 //!
 //! ```no_run
 //! use nbd_core::{Config, Connection, Event};
-//! use nbd_driver::{connect, Driver, RecvUntil};
-//! # fn wait_for(_: &nbd_driver::Socket, _: nbd_driver::Interest) {}
+//! use nbd_driver::{connect, Driver, RecvUntil, Stream};
+//! # fn wait_for(_: &Stream, _: nbd_driver::Interest) {}
 //! let mut cfg = Config::default();
 //! let mut c = connect("nbd+unix:///?socket=/tmp/nbd.sock", &mut cfg)?;
 //! let mut conn = Connection::new(cfg, std::time::Instant::now());
 //! let mut driver = Driver::new(c.target);
+//! let mut stream = Stream::new(c.socket);
 //! loop {
-//!     let w = driver.send(&mut conn, &mut c.socket, u32::MAX);
-//!     let r = driver.recv(&mut conn, &mut c.socket, RecvUntil::Reads(16));
-//!     driver.finish(&mut conn, &mut c.socket);
+//!     let w = driver.send(&mut conn, &mut stream, u32::MAX);
+//!     let r = driver.recv(&mut conn, &mut stream, RecvUntil::Reads(16));
+//!     driver.finish(&mut conn, &mut stream);
 //!     while let Some(ev) = conn.poll_event() {
 //!         match ev {
+//!             Event::StartTls => driver.start_tls(&mut conn, &mut stream, &c.tls),
 //!             Event::GoSucceeded(info) => println!("size {}", info.size),
 //!             Event::Closed(reason) => return Ok(println!("closed: {reason}")),
 //!             _ => {}
 //!         }
 //!     }
 //!     if !(w.progressed || r.progressed || r.more) {
-//!         match driver.interest(&conn) {
-//!             Some(i) => wait_for(&c.socket, i),
+//!         match driver.interest(&conn, &stream) {
+//!             Some(i) => wait_for(&stream, i),
 //!             None => break,
 //!         }
 //!     }
@@ -64,12 +74,17 @@ pub mod connect;
 pub mod demux;
 pub mod driver;
 pub mod process;
+pub mod tls;
+#[cfg(feature = "tls-psk")]
+mod tls_psk;
 pub mod transport;
 
 pub use connect::{
-    connect, connect_tcp, connect_tcp_within, connect_unix, connect_uri, ConnectError, Connected,
+    connect, connect_tcp, connect_tcp_within, connect_unix, connect_uri, connect_uri_with,
+    AllowTls, ConnectError, Connected, UriPolicy,
 };
 pub use demux::{Completion, Demux};
 pub use driver::{Driver, Interest, IoStats, Progress, RecvUntil, DEFAULT_MID_MESSAGE_RETRIES};
 pub use process::{connect_command, connect_socket_activation, Subprocess};
+pub use tls::{Stream, TlsError, TlsSettings};
 pub use transport::{Socket, Transport};

@@ -145,11 +145,9 @@ pub fn connect_command(argv: &[impl AsRef<OsStr>]) -> Result<Connected, ConnectE
     drop(cmd);
     let process = Subprocess::new(child);
     let socket = Socket::from_unix(ours).map_err(io_err("set_nonblocking"))?;
-    Ok(Connected {
-        socket,
-        target: shown,
-        process: Some(process),
-    })
+    let mut c = Connected::new(socket, shown);
+    c.process = Some(process);
+    Ok(c)
 }
 
 /// Starts `argv` with systemd socket activation, as libnbd's
@@ -195,11 +193,9 @@ pub fn connect_socket_activation(
         let s =
             UnixStream::connect(&path).map_err(io_err(format!("connect: {}", path.display())))?;
         let socket = Socket::from_unix(s).map_err(io_err("set_nonblocking"))?;
-        Ok(Connected {
-            socket,
-            target: shown,
-            process: Some(process),
-        })
+        let mut c = Connected::new(socket, shown);
+        c.process = Some(process);
+        Ok(c)
     })();
     let _ = fs::remove_file(&path);
     let _ = fs::remove_dir(&dir);

@@ -6,6 +6,8 @@ use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use crate::driver::Interest;
+
 /// A non-blocking, ordered, reliable byte stream to an NBD server.
 ///
 /// The driver only ever calls these four methods, and expects
@@ -40,6 +42,37 @@ pub trait Transport {
     /// out (`Write`, so a server waiting for the client's end-of-file
     /// closes too). Errors are ignored by the driver: the peer may be gone.
     fn shutdown(&mut self, how: Shutdown) -> io::Result<()>;
+
+    /// Advances a handshake the transport runs before it carries NBD bytes
+    /// (a TLS session's, after `NBD_OPT_STARTTLS`). `Ok(None)`: none is
+    /// running, or it has completed; `Ok(Some(interest))`: it waits for
+    /// that readiness. The driver calls it while a handshake it started is
+    /// running; the default has none.
+    fn handshake(&mut self) -> io::Result<Option<Interest>> {
+        Ok(None)
+    }
+
+    /// Whether the transport holds output it has not handed to the OS yet
+    /// (encrypted records a full socket did not take): the driver then
+    /// calls [`Transport::flush_pending`] and waits for writability even
+    /// when the core has nothing queued.
+    fn pending_output(&self) -> bool {
+        false
+    }
+
+    /// Whether the transport holds received bytes that a `read` returns
+    /// without touching the socket (decrypted plaintext): the socket will
+    /// not report them as readable, so an adapter must read before it
+    /// waits ([`crate::Progress::more`] says so after a receive).
+    fn buffered_input(&self) -> bool {
+        false
+    }
+
+    /// Writes [`Transport::pending_output`] to the OS; `WouldBlock` if it
+    /// filled again.
+    fn flush_pending(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// A connected Unix or TCP socket, in non-blocking mode: the transport of

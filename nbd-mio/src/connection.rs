@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
-use nbd_core::{CmdFlags, Config, Connection, Cookie, Event, Phase, Refused, TlsMode, UsageError};
-use nbd_driver::{Connected, Driver, IoStats, RecvUntil, Socket, Subprocess};
+use nbd_core::{CmdFlags, Config, Connection, Cookie, Event, Phase, Refused, UsageError};
+use nbd_driver::{
+    Connected, Driver, IoStats, RecvUntil, Socket, Stream, Subprocess, TlsSettings, Transport,
+    UriPolicy,
+};
 
 use crate::error::{Error, Result};
 
@@ -40,8 +43,12 @@ const WRITES_PER_STEP: u32 = 1;
 #[derive(Debug)]
 pub struct NbdConnection {
     conn: Connection,
-    socket: Socket,
+    /// The socket, switched to TLS when the server acknowledges STARTTLS
+    /// (same file descriptor, so the registration stays).
+    socket: Stream,
     driver: Driver,
+    /// Credentials and checks for TLS.
+    tls: TlsSettings,
     token: Option<Token>,
     /// Between `handle_event` and the `poll_event` that returns `None`:
     /// commands only queue, and the end of the drain sends them together.
@@ -68,8 +75,9 @@ impl NbdConnection {
         NbdConnection::from_connected(c, cfg)
     }
 
-    /// Connects to an NBD URI, as [`NbdConnection::connect`] does; TLS URIs
-    /// (`nbds`, `nbds+unix`) and vsock give [`Error::Unsupported`].
+    /// Connects to an NBD URI, as [`NbdConnection::connect`] does; `nbds`
+    /// URIs require TLS with the credentials their `tls-*` parameters name
+    /// ([`nbd_driver::connect_uri`]); vsock gives [`Error::Unsupported`].
     pub fn connect_uri(uri: &str, mut cfg: Config) -> Result<NbdConnection> {
         let c = nbd_driver::connect_uri(uri, &mut cfg)?;
         NbdConnection::from_connected(c, cfg)
@@ -151,20 +159,68 @@ impl NbdConnection {
         self.process.as_ref().map(Subprocess::pid)
     }
 
+    /// Connects to `target` as [`NbdConnection::connect`] does, with the TLS
+    /// credentials and checks `tls` (a URI's `tls-*` parameters override
+    /// the fields they name).
+    pub fn connect_with_tls(
+        target: &str,
+        mut cfg: Config,
+        tls: TlsSettings,
+    ) -> Result<NbdConnection> {
+        let c = if nbd_core::uri::is_nbd_uri(target) {
+            nbd_driver::connect_uri_with(target, &mut cfg, tls, &UriPolicy::trusted())?
+        } else {
+            let mut c = nbd_driver::connect(target, &mut cfg)?;
+            c.tls = tls;
+            c
+        };
+        NbdConnection::from_connected(c, cfg)
+    }
+
+    /// Connects to an NBD URI from a source you do not fully trust,
+    /// refusing before connecting what `policy` does not allow (libnbd's
+    /// URI allow-lists), starting from the TLS settings `tls`.
+    pub fn connect_uri_with(
+        uri: &str,
+        mut cfg: Config,
+        tls: TlsSettings,
+        policy: &UriPolicy,
+    ) -> Result<NbdConnection> {
+        let c = nbd_driver::connect_uri_with(uri, &mut cfg, tls, policy)?;
+        NbdConnection::from_connected(c, cfg)
+    }
+
+    /// Sets the TLS credentials and checks used if the server starts TLS
+    /// (before the handshake reaches STARTTLS: call it right after
+    /// creating the connection).
+    pub fn set_tls_settings(&mut self, tls: TlsSettings) {
+        self.tls = tls;
+    }
+
+    /// Why TLS failed, once it has (the connection then ends with
+    /// [`Event::Closed`] carrying the same message).
+    pub fn tls_error(&self) -> Option<&nbd_driver::TlsError> {
+        self.driver.tls_error()
+    }
+
+    /// Whether the session runs over TLS (libnbd's `nbd_get_tls_negotiated`).
+    pub fn tls_negotiated(&self) -> bool {
+        self.socket.is_tls() && !self.driver.is_handshaking()
+    }
+
     fn from_connected(c: Connected, cfg: Config) -> Result<NbdConnection> {
         let mut n = NbdConnection::new(c.socket, c.target, cfg)?;
         n.process = c.process;
+        n.tls = c.tls;
         Ok(n)
     }
 
     fn new(socket: Socket, target: String, cfg: Config) -> Result<NbdConnection> {
-        if cfg.tls != TlsMode::Disable {
-            return Err(Error::Unsupported("TLS is not implemented yet".into()));
-        }
         Ok(NbdConnection {
             conn: Connection::new(cfg, std::time::Instant::now()),
-            socket,
+            socket: Stream::new(socket),
             driver: Driver::new(target),
+            tls: TlsSettings::default(),
             token: None,
             draining: false,
             read_more: false,
@@ -268,7 +324,7 @@ impl NbdConnection {
                 .driver
                 .send(&mut self.conn, &mut self.socket, WRITES_PER_STEP);
             let mut progressed = w.progressed;
-            if self.read_more {
+            if self.read_more || self.socket.buffered_input() {
                 let r = self
                     .driver
                     .recv(&mut self.conn, &mut self.socket, RecvUntil::Completion);
@@ -377,7 +433,7 @@ impl NbdConnection {
             match self.conn.poll_event() {
                 Some(Event::StartTls) => {
                     self.driver
-                        .refuse_start_tls(&mut self.conn, &mut self.socket);
+                        .start_tls(&mut self.conn, &mut self.socket, &self.tls);
                 }
                 Some(ev) => return Some(ev),
                 None => {

@@ -26,9 +26,18 @@ pub enum Error {
     /// The URI could not be parsed.
     #[error("invalid NBD URI: {0}")]
     Uri(#[from] UriError),
-    /// Something this adapter does not offer yet (TLS, vsock).
+    /// Something this adapter does not offer yet (vsock).
     #[error("not supported yet: {0}")]
     Unsupported(String),
+    /// The TLS settings cannot work (TLS-PSK in a build without it).
+    /// Failures during the session end it with `Event::Closed` instead;
+    /// [`crate::NbdConnection::tls_error`] then has the typed cause.
+    #[error("TLS: {0}")]
+    Tls(#[from] nbd_driver::TlsError),
+    /// The URI asks for something its [`nbd_driver::UriPolicy`] does not
+    /// allow; nothing was connected.
+    #[error("the URI is not allowed: {0}")]
+    NotAllowed(String),
     /// A command was refused by the core before anything was sent (wrong
     /// phase, strict-mode check, in-flight limit...). Returned by the
     /// core's own methods; converted here so that `?` works for both.
@@ -52,6 +61,8 @@ impl From<nbd_driver::ConnectError> for Error {
             C::Uri(u) => Error::Uri(u),
             C::Unsupported(m) => Error::Unsupported(m),
             C::Io { context, source } => Error::Io { context, source },
+            C::NotAllowed(m) => Error::NotAllowed(m),
+            C::Tls(t) => Error::Tls(t),
             other => Error::Unsupported(other.to_string()),
         }
     }
@@ -63,7 +74,8 @@ impl From<Error> for std::io::Error {
         let kind = match &e {
             Error::Io { source, .. } => source.kind(),
             Error::Uri(_) | Error::Usage(_) => K::InvalidInput,
-            Error::Unsupported(_) => K::Unsupported,
+            Error::Unsupported(_) | Error::Tls(_) => K::Unsupported,
+            Error::NotAllowed(_) => K::PermissionDenied,
         };
         match e {
             Error::Io { source, .. } => source,

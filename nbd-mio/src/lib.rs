@@ -27,7 +27,15 @@
 //! event) are sent at once. A read or write that would block in the middle
 //! of a reply or request is tried again a few times at once, since the
 //! rest is microseconds away ([`NbdConnection::set_mid_message_retries`]).
-//! The socket I/O itself is [`nbd_driver::Driver`], shared with nbd-std.
+//! The socket I/O itself is [`nbd_driver::Driver`], shared with nbd-std,
+//! and so is TLS: `nbds` URIs (or [`NbdConnection::connect_with_tls`])
+//! switch the registered socket to a TLS session on the same file
+//! descriptor, so the registration stays; bytes the session holds are read
+//! before the drain returns `None`. A TLS failure ends the connection with
+//! [`Event::Closed`]; [`NbdConnection::tls_error`] has the typed cause.
+//! [`NbdConnection::connect_command`] and
+//! [`NbdConnection::connect_systemd_socket_activation`] start the server
+//! themselves.
 //!
 //! This program connects, reads the first 512 bytes of the export and
 //! disconnects:

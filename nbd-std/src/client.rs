@@ -10,7 +10,10 @@ use nbd_core::{
     BlockSize, CloseReason, CmdFlags, Config, Connection, Cookie, Event, ExportInfo, Extent,
     OptionKind, Phase, Protocol, ReadChunkKind, UsageError,
 };
-use nbd_driver::{Completion, Connected, Demux, Driver, RecvUntil, Socket, Subprocess};
+use nbd_driver::{
+    Completion, Connected, Demux, Driver, RecvUntil, Socket, Stream, Subprocess, TlsSettings,
+    UriPolicy,
+};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::error::{Error, Result};
@@ -51,8 +54,11 @@ const READS_PER_TURN: u32 = 16;
 #[derive(Debug)]
 pub struct Client {
     conn: Connection,
-    socket: Socket,
+    /// The socket, switched to TLS when the server acknowledges STARTTLS.
+    socket: Stream,
     driver: Driver,
+    /// Credentials and checks for TLS.
+    tls: TlsSettings,
     demux: Demux,
     listed: Vec<(String, String)>,
     contexts: Vec<String>,
@@ -101,8 +107,8 @@ impl Client {
 
     /// Connects to an NBD URI (the export name comes from the URI) and runs
     /// the handshake, within [`Config::handshake_timeout`] as
-    /// [`Client::connect`]. TLS URIs are refused with [`Error::Unsupported`]
-    /// before anything is sent.
+    /// [`Client::connect`]; `nbds` URIs require TLS, with the credentials
+    /// their `tls-*` parameters name ([`nbd_driver::connect_uri`]).
     pub fn connect_uri(uri: &str, mut cfg: Config) -> Result<Client> {
         let start = Instant::now();
         let c = nbd_driver::connect_uri(uri, &mut cfg)?;
@@ -184,13 +190,67 @@ impl Client {
         self.process.as_ref().map(Subprocess::pid)
     }
 
+    /// Connects to `target` as [`Client::connect`] does, with TLS
+    /// credentials and checks `tls` (used when [`Config::tls`] is not
+    /// `Disable`, or an `nbds` URI requires TLS; a URI's `tls-*`
+    /// parameters override the fields they name).
+    pub fn connect_with_tls(target: &str, mut cfg: Config, tls: TlsSettings) -> Result<Client> {
+        if nbd_core::uri::is_nbd_uri(target) {
+            Client::connect_uri_with(target, cfg, tls, &UriPolicy::trusted())
+        } else {
+            let start = Instant::now();
+            let mut c = nbd_driver::connect(target, &mut cfg)?;
+            c.tls = tls;
+            Client::handshake_connected(c, cfg, start)
+        }
+    }
+
+    /// Connects to an NBD URI from a source you do not fully trust,
+    /// refusing before connecting what `policy` does not allow (libnbd's
+    /// `nbd_set_uri_allow_transports`, `_allow_tls`, `_allow_local_file`;
+    /// [`UriPolicy::untrusted`] is libnbd's default), starting from the
+    /// TLS settings `tls`.
+    pub fn connect_uri_with(
+        uri: &str,
+        mut cfg: Config,
+        tls: TlsSettings,
+        policy: &UriPolicy,
+    ) -> Result<Client> {
+        let start = Instant::now();
+        let c = nbd_driver::connect_uri_with(uri, &mut cfg, tls, policy)?;
+        Client::handshake_connected(c, cfg, start)
+    }
+
+    /// Whether the session runs over TLS (libnbd's `nbd_get_tls_negotiated`).
+    pub fn tls_negotiated(&self) -> bool {
+        self.socket.is_tls() && !self.driver.is_handshaking()
+    }
+
+    /// Runs the handshake over a transport opened with nbd-driver's
+    /// functions ([`nbd_driver::connect_command`],
+    /// [`nbd_driver::connect_socket_activation`], [`nbd_driver::connect()`],
+    /// ...), with its [`Connected::tls`] settings (set them first, e.g.
+    /// for a TLS server started as a subprocess) and its server process.
+    /// The handshake deadline ([`Config::handshake_timeout`]) counts from
+    /// this call.
+    pub fn from_connected(c: Connected, cfg: Config) -> Result<Client> {
+        Client::handshake_connected(c, cfg, Instant::now())
+    }
+
     fn handshake_connected(c: Connected, cfg: Config, start: Instant) -> Result<Client> {
         let mut process = c.process;
-        Client::handshake_with(c.socket, c.target, cfg, start, &mut process)
+        Client::handshake_with(c.socket, c.target, cfg, c.tls, start, &mut process)
     }
 
     fn handshake(socket: Socket, target: String, cfg: Config, start: Instant) -> Result<Client> {
-        Client::handshake_with(socket, target, cfg, start, &mut None)
+        Client::handshake_with(
+            socket,
+            target,
+            cfg,
+            TlsSettings::default(),
+            start,
+            &mut None,
+        )
     }
 
     /// `start`: when the connect began, which the handshake deadline
@@ -199,6 +259,7 @@ impl Client {
         socket: Socket,
         target: String,
         cfg: Config,
+        tls: TlsSettings,
         start: Instant,
         process: &mut Option<Subprocess>,
     ) -> Result<Client> {
@@ -208,8 +269,9 @@ impl Client {
         conn.set_handshake_deadline(deadline);
         let mut c = Client {
             conn,
-            socket,
+            socket: Stream::new(socket),
             driver: Driver::new(target),
+            tls,
             demux,
             listed: Vec::new(),
             contexts: Vec::new(),
@@ -320,6 +382,9 @@ impl Client {
         if let Some(m) = &self.unsupported {
             return Err(Error::Unsupported(m.clone()));
         }
+        if let Some(e) = self.driver.tls_error() {
+            return Err(Error::Tls(e.clone()));
+        }
         match self.conn.close_reason() {
             Some(r) if !r.is_clean() || self.conn.phase() != Phase::Closed => {
                 Err(Error::Closed(r.clone()))
@@ -352,7 +417,7 @@ impl Client {
         if w.progressed || r.progressed || r.more || !block {
             return Ok(());
         }
-        let Some(interest) = self.driver.interest(&self.conn) else {
+        let Some(interest) = self.driver.interest(&self.conn, &self.socket) else {
             return Ok(());
         };
         let mut flags = PollFlags::empty();
@@ -420,9 +485,8 @@ impl Client {
                     self.opt_result = Some(Err(Error::Option { option, error }))
                 }
                 Event::StartTls => {
-                    self.unsupported = Some("TLS is not supported by this client yet".into());
                     self.driver
-                        .refuse_start_tls(&mut self.conn, &mut self.socket);
+                        .start_tls(&mut self.conn, &mut self.socket, &self.tls);
                 }
                 Event::GoSucceeded(_) => self.went = true,
                 _ => {}

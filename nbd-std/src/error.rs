@@ -53,6 +53,15 @@ pub enum Error {
     /// A feature this client does not offer yet.
     #[error("not supported: {0}")]
     Unsupported(String),
+    /// TLS failed: the server's certificate was rejected, the server
+    /// refused the session or asked for a client certificate, the
+    /// credentials could not be loaded... The connection is over.
+    #[error("TLS: {0}")]
+    Tls(#[from] nbd_driver::TlsError),
+    /// The URI asks for something its [`nbd_driver::UriPolicy`] does not
+    /// allow; nothing was connected.
+    #[error("the URI is not allowed: {0}")]
+    NotAllowed(String),
 }
 
 impl Error {
@@ -68,12 +77,15 @@ impl Error {
             Error::Closed(r) => r.io_kind(),
             Error::Io { source, .. } => source.kind(),
             Error::Unsupported(_) => K::Unsupported,
+            Error::Tls(nbd_driver::TlsError::PskUnsupported(_)) => K::Unsupported,
+            Error::Tls(_) => K::PermissionDenied,
+            Error::NotAllowed(_) => K::PermissionDenied,
         }
     }
 
     /// True if the connection can no longer be used.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, Error::Closed(_) | Error::Io { .. })
+        matches!(self, Error::Closed(_) | Error::Io { .. } | Error::Tls(_))
     }
 }
 
@@ -93,6 +105,8 @@ impl From<nbd_driver::ConnectError> for Error {
             C::Uri(u) => Error::Uri(u),
             C::Unsupported(m) => Error::Unsupported(m),
             C::Io { context, source } => Error::Io { context, source },
+            C::NotAllowed(m) => Error::NotAllowed(m),
+            C::Tls(t) => Error::Tls(t),
             other => Error::Unsupported(other.to_string()),
         }
     }

@@ -39,9 +39,30 @@
 //! comes before the length as in the spec's request header, where libnbd's
 //! C API puts the count first.
 //!
-//! The socket work (connect, the send and receive loops, the retry policy)
-//! is [`nbd_driver`]'s, shared with nbd-mio; this crate adds the waiting
-//! (`poll(2)`) and the libnbd-shaped calls.
+//! TLS: `nbds://` and `nbds+unix://` URIs (libnbd's `tls-certificates`,
+//! `tls-verify-peer`, `tls-hostname`, `tls-username`, `tls-psk-file`
+//! parameters), or [`Client::connect_with_tls`] with a [`TlsSettings`] and
+//! [`Config::tls`]. X.509 runs on rustls; TLS-PSK needs the `tls-psk`
+//! feature (OpenSSL). Failures are [`Error::Tls`] with a [`TlsError`]
+//! naming the cause:
+//!
+//! ```no_run
+//! use nbd_std::{Client, Config, Error, TlsError};
+//! match Client::connect("nbds://localhost/?tls-certificates=/etc/pki/nbd", Config::default()) {
+//!     Err(Error::Tls(TlsError::CertificateRejected(why))) => eprintln!("not this server: {why}"),
+//!     Err(e) => eprintln!("{e}"),
+//!     Ok(c) => println!("TLS: {}", c.tls_negotiated()),
+//! }
+//! ```
+//!
+//! Other ways to connect, as libnbd's: [`Client::connect_command`] (a
+//! server on a child's stdin/stdout), [`Client::connect_systemd_socket_activation`],
+//! [`Client::connect_fd`] (a socket you connected); the server a client
+//! started is stopped and reaped when the client is dropped.
+//!
+//! The socket work (connect, TLS, the send and receive loops, the retry
+//! policy) is [`nbd_driver`]'s, shared with nbd-mio; this crate adds the
+//! waiting (`poll(2)`) and the libnbd-shaped calls.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -58,4 +79,4 @@ pub use nbd_core::{
     Extent, Limits, NbdErrno, OptionError, OptionKind, Phase, ReadChunkKind, Refused, Strict,
     TimeoutPolicy, TlsMode, UsageError,
 };
-pub use nbd_driver::{self, Completion, IoStats};
+pub use nbd_driver::{self, Completion, IoStats, TlsError, TlsSettings, UriPolicy};

@@ -30,6 +30,7 @@
 
 pub mod examples;
 pub mod fake;
+pub mod pki;
 pub mod proto;
 pub mod servers;
 

@@ -436,6 +436,12 @@ pub type NbdServerExport<'a> = (&'a str, &'a Path, &'a [(&'a str, &'a str)]);
 /// Remember that nbd-server 3.24 has no structured replies or meta contexts
 /// and answers `NBD_OPT_INFO` with size 0 (`NBD_OPT_GO` is right).
 pub fn nbd_server(exports: &[NbdServerExport<'_>]) -> Server {
+    nbd_server_with(&[], exports)
+}
+
+/// Like [`nbd_server`], with extra `key = value` lines in the `[generic]`
+/// section (TLS: `certfile`, `keyfile`, `cacertfile`, `force_tls`).
+pub fn nbd_server_with(generic: &[(&str, &str)], exports: &[NbdServerExport<'_>]) -> Server {
     assert!(!exports.is_empty(), "nbd_server needs at least one export");
     let dir = new_dir();
     let sock = dir.path().join("nbd-server.sock");
@@ -445,6 +451,9 @@ pub fn nbd_server(exports: &[NbdServerExport<'_>]) -> Server {
         "[generic]\n    unixsock = {}\n    allowlist = true\n    max_threads = 4\n",
         sock.display()
     );
+    for (k, v) in generic {
+        text.push_str(&format!("    {k} = {v}\n"));
+    }
     for (name, file, extra) in exports {
         assert!(
             !name.is_empty() && !name.contains(['[', ']', '\n']),
