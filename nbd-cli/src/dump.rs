@@ -60,7 +60,8 @@ pub fn run(a: Args) -> Res {
         buf = c
             .pread_buf(buf, off, CmdFlags::empty())
             .ctx(format!("pread at offset {off}"))?;
-        let r = d.feed(&mut out, off, &buf[..n], off + n as u64 == end);
+        let last = off + n as u64 == end;
+        let r = d.feed(&mut out, off, &buf[..n], last && end == size);
         if let Err(e) = r {
             if e.kind() == std::io::ErrorKind::BrokenPipe {
                 return Ok(0);
@@ -69,7 +70,7 @@ pub fn run(a: Args) -> Res {
         }
         off += n as u64;
     }
-    match out.flush() {
+    match d.end(&mut out, end == size).and_then(|_| out.flush()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
             return Err(e).ctx("write to stdout")
         }
@@ -91,7 +92,9 @@ pub struct Dumper {
 }
 
 impl Dumper {
-    /// Feeds `data` found at `off`; `last` for the final chunk.
+    /// Feeds `data` found at `off`. `last`: the final chunk ends the
+    /// export, whose last line is then shown even if it repeats (as
+    /// nbddump shows it); a dump cut short by `--length` ends without it.
     pub fn feed(
         &mut self,
         out: &mut impl Write,
@@ -127,11 +130,24 @@ impl Dumper {
             }
             self.pending.extend_from_slice(rest);
         }
-        if last && !self.pending.is_empty() {
-            let p = std::mem::take(&mut self.pending);
-            write_line(out, self.pending_off, &p)?;
-        }
         Ok(())
+    }
+
+    /// Ends the dump: a final partial line is shown unless it repeats the
+    /// start of the line before (and does not end the export).
+    pub fn end(&mut self, out: &mut impl Write, at_export_end: bool) -> std::io::Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let p = std::mem::take(&mut self.pending);
+        let repeat = self.prev.is_some_and(|prev| prev[..p.len()] == p[..]);
+        if repeat && !at_export_end {
+            if !self.starred {
+                out.write_all(b"*\n")?;
+            }
+            return Ok(());
+        }
+        write_line(out, self.pending_off, &p)
     }
 
     fn line(
@@ -196,6 +212,7 @@ mod tests {
             d.feed(&mut out, off, p, i + 1 == pieces.len()).unwrap();
             off += p.len() as u64;
         }
+        d.end(&mut out, true).unwrap();
         String::from_utf8(out).unwrap()
     }
 
