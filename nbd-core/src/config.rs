@@ -103,8 +103,27 @@ pub struct Limits {
     pub default_max_write: u64,
     /// Most meta contexts kept from one LIST/SET_META_CONTEXT.
     pub max_meta_contexts: usize,
-    /// Most block-status extents kept from one chunk.
-    pub max_extents: usize,
+    /// Most memory, in bytes, the extents of one block-status chunk may
+    /// take once parsed: `n * size_of::<Extent>()` (16 bytes an extent),
+    /// allocated once when the chunk header arrives. Default 64 MiB, that
+    /// is 2^22 extents: every payload up to 2^25 bytes fits (doc/proto.md,
+    /// section "Structured reply chunk message": payloads up to 2^25 bytes
+    /// SHOULD NOT be treated as a denial of service). A chunk announcing
+    /// more ends the connection with
+    /// [`crate::wire::WireError::OverLimit`] before any extent is read.
+    ///
+    /// [`Extent`]: crate::Extent
+    pub max_extent_bytes: u64,
+    /// Most error chunks (any reply type with bit 15 set) one request may
+    /// receive before its `NBD_REPLY_FLAG_DONE` (default 65,536). Every
+    /// other chunk type is bounded by the request already: data and holes
+    /// by its length (each covers at least one byte, none twice), block
+    /// status by the contexts negotiated (one chunk each), `NONE` by being
+    /// last. Real servers send one error chunk per failed request (nbdkit,
+    /// qemu-nbd); even one per KiB of a 64 MiB read stays under the
+    /// default. Past it the connection ends with
+    /// [`crate::ProtocolError::TooManyErrorChunks`].
+    pub max_error_chunks: u32,
     /// Most exports one `NBD_OPT_LIST` may report (default 100,000; real
     /// servers list a handful). Past it the connection ends with
     /// [`crate::ProtocolError::ExportListTooLong`].
@@ -124,7 +143,8 @@ impl Default for Limits {
             max_meta_contexts: 4096,
             max_exports: 100_000,
             max_export_list_bytes: 64 << 20,
-            max_extents: 1 << 20,
+            max_extent_bytes: 64 << 20,
+            max_error_chunks: 1 << 16,
         }
     }
 }

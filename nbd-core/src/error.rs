@@ -277,6 +277,21 @@ pub enum ProtocolError {
         /// The request's length.
         request_length: u64,
     },
+    /// One request received more error chunks than
+    /// [`crate::Limits::max_error_chunks`] without the chunk that ends its
+    /// reply (`NBD_REPLY_FLAG_DONE`): a server that never finishes.
+    #[error(
+        "reply to cookie {cookie:#x}: {count} error chunks without the done flag, \
+         the limit is {limit}"
+    )]
+    TooManyErrorChunks {
+        /// Cookie of the request.
+        cookie: u64,
+        /// Error chunks received for it, the one past the limit included.
+        count: u64,
+        /// The configured limit.
+        limit: u32,
+    },
     /// The server sent data when the client expected none.
     #[error("server sent {0} unexpected bytes")]
     UnexpectedData(usize),

@@ -190,6 +190,7 @@ pub mod error;
 pub mod event;
 mod flags;
 mod negotiate;
+mod reply_bounds;
 mod transmit;
 pub mod uri;
 /// Encoders and parsers per message family. Not part of the stable API:

@@ -74,6 +74,8 @@ struct Request {
     coverage: Coverage,
     /// Contexts answered (block status).
     contexts_seen: Vec<u32>,
+    /// Error chunks received (bounded by `Limits::max_error_chunks`).
+    error_chunks: u32,
     /// Payload bytes charged against the in-flight byte limit.
     charged: u64,
     /// Its deadline is the default ([`Config::command_timeout`]), to start
@@ -794,6 +796,7 @@ impl Connection {
         r.content_chunks = 0;
         r.coverage.reset();
         r.contexts_seen.clear();
+        r.error_chunks = 0;
         r.charged = p.charged;
         r.default_deadline = x.command_timeout.is_some();
         if r.default_deadline && !s.listed {
@@ -1233,6 +1236,11 @@ impl Connection {
                 }
                 r.contexts_seen.push(context);
                 x.extents.clear();
+                // All of it at once, so the capacity is exactly what the
+                // length announced (checked against `max_extent_bytes`).
+                let n = usize::try_from(head.descriptors).unwrap_or(usize::MAX);
+                x.extents
+                    .reserve_exact(n.min(crate::reply_bounds::max_extents(&x.limits)));
                 x.rx = Rx::StatusBody {
                     slot,
                     typ,
@@ -1455,7 +1463,8 @@ impl Connection {
                                 mode: x.mode,
                             });
                         }
-                        wrep::check_block_status_len(typ, length, x.limits.max_extents)?;
+                        let max = crate::reply_bounds::max_extents(&x.limits);
+                        wrep::check_block_status_len(typ, length, max)?;
                         x.rx = Rx::StatusHeader {
                             slot,
                             typ,
@@ -1465,6 +1474,9 @@ impl Connection {
                         Ok(())
                     }
                     t if t & chunk::FLAG_ERROR != 0 => {
+                        let limit = x.limits.max_error_chunks;
+                        let seen = &mut x.slots[slot as usize].req.error_chunks;
+                        crate::reply_bounds::count_error_chunk(seen, limit, cookie)?;
                         // Error value, message length, a message of at most
                         // 4096 bytes (spec "Structured reply types"), and the
                         // offset of ERROR_OFFSET. Unknown error types may

@@ -1511,7 +1511,7 @@ fn s3_8_block_status_bad_length_is_fatal() {
 #[test]
 fn s3_10_too_many_extents_is_fatal() {
     let mut limits = Limits::default();
-    limits.max_extents = 4;
+    limits.max_extent_bytes = 4 * 16;
     let mut h = Setup::new(Mode::Structured)
         .base_allocation(1)
         .limits(limits)
@@ -2746,7 +2746,7 @@ fn s3_11_impossible_chunk_length_fails_on_the_header() {
         }
         // Block status announcing more extents than the limit.
         let mut limits = Limits::default();
-        limits.max_extents = 4;
+        limits.max_extent_bytes = 4 * 16;
         let mut h = Setup::new(mode).base_allocation(1).limits(limits).connect();
         let c = h.block_status(0, 4096, CmdFlags::empty());
         h.requests();

@@ -38,11 +38,28 @@ pub enum ConnectError {
 
 /// A connected socket and what it was opened to, for messages.
 #[derive(Debug)]
+#[non_exhaustive]
 pub struct Connected {
     /// The socket, in non-blocking mode (`TCP_NODELAY` on TCP).
     pub socket: Socket,
-    /// The URI, path or address that was connected to.
+    /// The URI, path, address or command line that was connected to.
     pub target: String,
+    /// The server process, when the client started it
+    /// ([`crate::connect_command`], [`crate::connect_socket_activation`]):
+    /// keep it for as long as the connection and drop it after the
+    /// socket; its drop stops and reaps the server.
+    pub process: Option<crate::process::Subprocess>,
+}
+
+impl Connected {
+    /// A connection to `target` over `socket`, with no server process.
+    pub fn new(socket: Socket, target: impl Into<String>) -> Connected {
+        Connected {
+            socket,
+            target: target.into(),
+            process: None,
+        }
+    }
 }
 
 /// Connects to `target`: an NBD URI (`nbd://`, `nbd+unix://`; its export
@@ -54,10 +71,7 @@ pub fn connect(target: &str, cfg: &mut Config) -> Result<Connected, ConnectError
         connect_uri(target, cfg)
     } else {
         let socket = connect_unix(Path::new(target))?;
-        Ok(Connected {
-            socket,
-            target: target.to_owned(),
-        })
+        Ok(Connected::new(socket, target))
     }
 }
 
@@ -85,10 +99,7 @@ pub fn connect_uri(uri: &str, cfg: &mut Config) -> Result<Connected, ConnectErro
         }
     };
     cfg.export_name = u.export_name;
-    Ok(Connected {
-        socket,
-        target: uri.to_owned(),
-    })
+    Ok(Connected::new(socket, uri))
 }
 
 /// Connects to a Unix domain socket. A leading NUL byte names the Linux
@@ -108,14 +119,7 @@ pub fn connect_unix(path: &Path) -> Result<Socket, ConnectError> {
 /// (IPv6 and IPv4 of one name, say) until one accepts; the error names the
 /// last address tried. Sets `TCP_NODELAY` and non-blocking mode.
 pub fn connect_tcp(addr: impl ToSocketAddrs) -> Result<Socket, ConnectError> {
-    let addrs: Vec<SocketAddr> = addr
-        .to_socket_addrs()
-        .map_err(|e| ConnectError::Io {
-            context: "resolve".into(),
-            source: e,
-        })?
-        .collect();
-    connect_tcp_addrs(&addrs)
+    connect_tcp_within(addr, None)
 }
 
 /// Like [`connect_tcp`], giving up after `timeout` in all (`None`: the

@@ -1,12 +1,15 @@
-//! [`Demux`]: folds the events of one command (read chunks, block-status
-//! extents, its completion) into one [`Completion`] per cookie, without
-//! I/O, for adapters that hand out whole results (a blocking call that
-//! waits for its cookie, a future that resolves once).
+//! [`Demux`]: folds the events of one command (block-status extents, its
+//! completion) into one [`Completion`] per cookie, without I/O, for
+//! adapters that hand out whole results (a blocking call that waits for
+//! its cookie, a future that resolves once). Structured read chunks are
+//! not kept: they come back to the caller as they arrive, to be handed to
+//! a chunk callback (libnbd's `pread_structured` model), because a server
+//! may split a read into one chunk per byte.
 
 use std::collections::HashMap;
 
 use bytes::BytesMut;
-use nbd_core::{CommandError, Cookie, Event, Extent, ReadChunkKind};
+use nbd_core::{CommandError, Cookie, Event, Extent};
 
 /// A completed command: its outcome with everything the server sent for
 /// it.
@@ -17,32 +20,33 @@ pub struct Completion {
     pub result: Result<(), CommandError>,
     /// The read buffer, handed back (reads only), filled on success.
     pub buffer: Option<BytesMut>,
-    /// Block status answers: (context id, extents), in arrival order.
+    /// Block status answers: (context id, extents), in arrival order: at
+    /// most one per negotiated context (the core refuses a second), each
+    /// within `Limits::max_extent_bytes`.
     pub extents: Vec<(u32, Vec<Extent>)>,
-    /// Structured read chunks as (offset, length, kind), in arrival order,
-    /// for reads submitted with chunk events
-    /// (`Connection::read_with_chunks`).
-    pub chunks: Vec<(u64, u64, ReadChunkKind)>,
-}
-
-#[derive(Debug, Default)]
-struct Partial {
-    extents: Vec<(u32, Vec<Extent>)>,
-    chunks: Vec<(u64, u64, ReadChunkKind)>,
 }
 
 /// The per-cookie fold of command events.
 ///
-/// Feed every event from `Connection::poll_event` to [`Demux::handle`]: the
-/// events of commands are kept, everything else (negotiation results, the
-/// close) comes back for the caller. Take finished commands with
-/// [`Demux::take`] or [`Demux::take_any`]. Its tables are sized for the
-/// in-flight limit up front, so steady-state use does not allocate (block
-/// status and chunk reports own their vectors).
+/// Feed every event from `Connection::poll_event` to [`Demux::handle`]:
+/// block status answers and completions are kept, everything else
+/// (negotiation results, the close, and [`Event::ReadChunk`]) comes back
+/// for the caller. Take finished commands with [`Demux::take`] or
+/// [`Demux::take_any`].
+///
+/// # Memory
+///
+/// Per command in flight it keeps the block status answers (at most one
+/// per negotiated context) and nothing else; per completed command not yet
+/// taken, its [`Completion`]. Nothing is kept per read chunk, so a read
+/// answered as one chunk per byte costs no more here than one answered in
+/// one chunk. Its tables are sized for the in-flight limit up front, so
+/// steady-state use does not allocate (block status answers own their
+/// vectors).
 #[derive(Debug, Default)]
 pub struct Demux {
     done: HashMap<Cookie, Completion>,
-    partial: HashMap<Cookie, Partial>,
+    partial: HashMap<Cookie, Vec<(u32, Vec<Extent>)>>,
 }
 
 impl Demux {
@@ -56,24 +60,13 @@ impl Demux {
         }
     }
 
-    /// Takes in one event. Command events (`ReadChunk`, `BlockStatus`,
-    /// `CommandDone`) are folded in and `None` is returned; every other
-    /// event is handed back for the caller to act on.
+    /// Takes in one event: call it with every event the connection
+    /// reports, in order. `BlockStatus` and `CommandDone` are folded in and
+    /// `None` is returned; every other event, `ReadChunk` included, is
+    /// handed back for the caller to act on (a read chunk at once, to the
+    /// read's chunk callback, since it is not kept).
     pub fn handle(&mut self, ev: Event) -> Option<Event> {
         match ev {
-            Event::ReadChunk {
-                cookie,
-                offset,
-                length,
-                kind,
-            } => {
-                self.partial
-                    .entry(cookie)
-                    .or_default()
-                    .chunks
-                    .push((offset, length, kind));
-                None
-            }
             Event::BlockStatus {
                 cookie,
                 context_id,
@@ -82,7 +75,6 @@ impl Demux {
                 self.partial
                     .entry(cookie)
                     .or_default()
-                    .extents
                     .push((context_id, extents));
                 None
             }
@@ -97,8 +89,7 @@ impl Demux {
                     Completion {
                         result,
                         buffer,
-                        extents: p.extents,
-                        chunks: p.chunks,
+                        extents: p,
                     },
                 );
                 None
@@ -133,18 +124,19 @@ impl Demux {
 mod tests {
     use super::*;
 
+    use nbd_core::ReadChunkKind;
+
     #[test]
-    fn chunks_and_extents_fold_into_one_completion() {
+    fn extents_fold_into_one_completion_and_read_chunks_come_back() {
         let mut d = Demux::with_capacity(4);
         let c = Cookie(7);
-        assert!(d
-            .handle(Event::ReadChunk {
-                cookie: c,
-                offset: 0,
-                length: 512,
-                kind: ReadChunkKind::Hole,
-            })
-            .is_none());
+        let back = d.handle(Event::ReadChunk {
+            cookie: c,
+            offset: 0,
+            length: 512,
+            kind: ReadChunkKind::Hole,
+        });
+        assert!(matches!(back, Some(Event::ReadChunk { length: 512, .. })));
         assert!(d
             .handle(Event::BlockStatus {
                 cookie: c,
@@ -161,7 +153,6 @@ mod tests {
             })
             .is_none());
         let done = d.take(c).expect("completed");
-        assert_eq!(done.chunks, vec![(0, 512, ReadChunkKind::Hole)]);
         assert_eq!(done.extents.len(), 1);
         assert!(d.take(c).is_none(), "taken once");
     }

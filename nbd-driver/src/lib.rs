@@ -9,7 +9,11 @@
 //!   shutdown), with [`Socket`] for Unix and TCP sockets. TLS and vsock
 //!   will be one more implementation each.
 //! - [`connect()`]: NBD URIs and Unix paths (including Linux abstract
-//!   names), TCP trying every resolved address with `TCP_NODELAY`.
+//!   names), TCP trying every resolved address with `TCP_NODELAY`;
+//!   [`connect_command`] and [`connect_socket_activation`] start the
+//!   server themselves (libnbd's `nbd_connect_command` and
+//!   `nbd_connect_systemd_socket_activation`); [`Socket::from_fd`] adopts
+//!   a socket the caller connected.
 //! - [`Driver`]: the send and receive loops with their retry policy, the
 //!   final flush and shutdown, the combined read/write interest of core
 //!   and transport, and [`IoStats`].
@@ -59,6 +63,7 @@
 pub mod connect;
 pub mod demux;
 pub mod driver;
+pub mod process;
 pub mod transport;
 
 pub use connect::{
@@ -66,4 +71,5 @@ pub use connect::{
 };
 pub use demux::{Completion, Demux};
 pub use driver::{Driver, Interest, IoStats, Progress, RecvUntil, DEFAULT_MID_MESSAGE_RETRIES};
+pub use process::{connect_command, connect_socket_activation, Subprocess};
 pub use transport::{Socket, Transport};

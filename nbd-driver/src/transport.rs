@@ -76,6 +76,26 @@ impl Socket {
         Ok(Socket::Tcp(s))
     }
 
+    /// Adopts a connected stream socket of any supported family (Unix or
+    /// TCP, IPv4 or IPv6) given as a file descriptor, as libnbd's
+    /// `nbd_connect_socket` does; ownership passes to the `Socket`. Call it
+    /// for a socket connected (or inherited) outside Rust's types. Other
+    /// address families are refused with `ErrorKind::Unsupported`.
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> io::Result<Socket> {
+        use rustix::net::AddressFamily;
+        let family = rustix::net::getsockname(&fd)?.address_family();
+        if family == AddressFamily::UNIX {
+            Socket::from_unix(UnixStream::from(fd))
+        } else if family == AddressFamily::INET || family == AddressFamily::INET6 {
+            Socket::from_tcp(TcpStream::from(fd))
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("socket address family {family:?} is not supported"),
+            ))
+        }
+    }
+
     /// A description of the peer for messages: the TCP address, or the
     /// Unix socket's path (`socket` when it has none, as for a pair).
     pub fn peer_description(&self) -> String {

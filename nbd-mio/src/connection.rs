@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use mio::unix::SourceFd;
 use mio::{Interest, Registry, Token};
 use nbd_core::{CmdFlags, Config, Connection, Cookie, Event, Phase, Refused, TlsMode, UsageError};
-use nbd_driver::{Driver, IoStats, RecvUntil, Socket};
+use nbd_driver::{Connected, Driver, IoStats, RecvUntil, Socket, Subprocess};
 
 use crate::error::{Error, Result};
 
@@ -49,6 +49,9 @@ pub struct NbdConnection {
     /// The last read stopped after completions, before the socket would
     /// block: the drain reads on.
     read_more: bool,
+    /// The server process this connection started, if any: declared after
+    /// `socket`, so the socket closes first and the server can exit.
+    process: Option<Subprocess>,
 }
 
 impl NbdConnection {
@@ -62,14 +65,14 @@ impl NbdConnection {
     /// [`NbdConnection::connect_tcp`] for a connect that never blocks.
     pub fn connect(target: &str, mut cfg: Config) -> Result<NbdConnection> {
         let c = nbd_driver::connect(target, &mut cfg)?;
-        NbdConnection::new(c.socket, c.target, cfg)
+        NbdConnection::from_connected(c, cfg)
     }
 
     /// Connects to an NBD URI, as [`NbdConnection::connect`] does; TLS URIs
     /// (`nbds`, `nbds+unix`) and vsock give [`Error::Unsupported`].
     pub fn connect_uri(uri: &str, mut cfg: Config) -> Result<NbdConnection> {
         let c = nbd_driver::connect_uri(uri, &mut cfg)?;
-        NbdConnection::new(c.socket, c.target, cfg)
+        NbdConnection::from_connected(c, cfg)
     }
 
     /// Connects to a Unix domain socket (a leading NUL byte names the Linux
@@ -110,6 +113,50 @@ impl NbdConnection {
         NbdConnection::new(s, target, cfg)
     }
 
+    /// Runs an NBD client over a connected stream socket given as a file
+    /// descriptor (Unix or TCP; libnbd's `nbd_connect_socket`); it is
+    /// switched to non-blocking mode. Call it instead of the `connect_*`
+    /// functions, then register.
+    pub fn from_fd(fd: OwnedFd, cfg: Config) -> Result<NbdConnection> {
+        let s = Socket::from_fd(fd).map_err(|e| Error::io("adopt socket", e))?;
+        let target = s.peer_description();
+        NbdConnection::new(s, target, cfg)
+    }
+
+    /// Starts `argv` as a server speaking NBD on its stdin and stdout
+    /// (libnbd's `nbd_connect_command`, e.g. `["nbdkit", "-s", "memory",
+    /// "1M"]`) over a socket pair. The server is stopped and reaped when
+    /// the connection is dropped. Register it afterwards as usual.
+    pub fn connect_command(
+        argv: &[impl AsRef<std::ffi::OsStr>],
+        cfg: Config,
+    ) -> Result<NbdConnection> {
+        let c = nbd_driver::connect_command(argv)?;
+        NbdConnection::from_connected(c, cfg)
+    }
+
+    /// Starts `argv` with systemd socket activation (libnbd's
+    /// `nbd_connect_systemd_socket_activation`) and connects to it; the
+    /// server is stopped and reaped when the connection is dropped.
+    pub fn connect_systemd_socket_activation(
+        argv: &[impl AsRef<std::ffi::OsStr>],
+        cfg: Config,
+    ) -> Result<NbdConnection> {
+        let c = nbd_driver::connect_socket_activation(argv, None)?;
+        NbdConnection::from_connected(c, cfg)
+    }
+
+    /// The process ID of the server this connection started, if any.
+    pub fn subprocess_pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Subprocess::pid)
+    }
+
+    fn from_connected(c: Connected, cfg: Config) -> Result<NbdConnection> {
+        let mut n = NbdConnection::new(c.socket, c.target, cfg)?;
+        n.process = c.process;
+        Ok(n)
+    }
+
     fn new(socket: Socket, target: String, cfg: Config) -> Result<NbdConnection> {
         if cfg.tls != TlsMode::Disable {
             return Err(Error::Unsupported("TLS is not implemented yet".into()));
@@ -121,6 +168,7 @@ impl NbdConnection {
             token: None,
             draining: false,
             read_more: false,
+            process: None,
         })
     }
 

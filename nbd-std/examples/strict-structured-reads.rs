@@ -23,10 +23,16 @@
 //!
 //! Without structured replies (nbd-server, `nbdkit --no-sr`) every read is
 //! one data chunk. The first argument is a Unix socket path or an NBD URI.
+//!
+//! The chunks come to a callback per read (`aio_pread_structured`); the
+//! example keeps them per read for its checks, merging a chunk into the one
+//! before it when they are adjacent and of the same kind, so that a read
+//! split into one chunk per byte in either direction stays one range.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
 use nbd_std::CmdFlags;
@@ -47,6 +53,49 @@ struct Request {
     offset: u64,
     len: u64,
     df: bool,
+}
+
+/// The chunks of one read as its callback saw them.
+#[derive(Debug, Default)]
+struct Chunks {
+    /// (offset, length, kind), adjacent chunks of the same kind merged.
+    runs: Vec<(u64, u64, ReadChunkKind)>,
+    /// Chunks of each kind before merging: data, hole, error, other.
+    counts: [u64; 4],
+    /// The first chunk with length 0 that is not an error.
+    empty: Option<u64>,
+}
+
+impl Chunks {
+    fn add(&mut self, offset: u64, length: u64, kind: ReadChunkKind) {
+        let i = match kind {
+            ReadChunkKind::Data => 0,
+            ReadChunkKind::Hole => 1,
+            ReadChunkKind::Error => 2,
+            _ => 3,
+        };
+        self.counts[i] += 1;
+        if length == 0 && kind != ReadChunkKind::Error {
+            self.empty.get_or_insert(offset);
+        }
+        if let Some(last) = self.runs.last_mut() {
+            if last.2 == kind && kind != ReadChunkKind::Error && length > 0 {
+                if last.0.checked_add(last.1) == Some(offset) {
+                    last.1 += length;
+                    return;
+                }
+                if offset.checked_add(length) == Some(last.0) {
+                    *last = (offset, last.1 + length, kind);
+                    return;
+                }
+            }
+        }
+        self.runs.push((offset, length, kind));
+    }
+
+    fn total(&self) -> u64 {
+        self.counts.iter().sum()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -102,7 +151,7 @@ fn run(nbd: &mut Client, count: u64) -> nbd_std::Result<Totals> {
 
     let mut rng = cli::Rng::from_time();
     let mut totals = Totals::default();
-    let mut pending: HashMap<Cookie, Request> = HashMap::new();
+    let mut pending: HashMap<Cookie, (Request, Arc<Mutex<Chunks>>)> = HashMap::new();
     let mut spare: Vec<BytesMut> = Vec::new();
     let mut issued = 0;
     while issued < count || !pending.is_empty() {
@@ -120,19 +169,24 @@ fn run(nbd: &mut Client, count: u64) -> nbd_std::Result<Totals> {
             } else {
                 CmdFlags::empty()
             };
-            let cookie = nbd.aio_pread_structured(buf, req.offset, flags)?;
-            pending.insert(cookie, req);
+            let chunks = Arc::new(Mutex::new(Chunks::default()));
+            let seen = Arc::clone(&chunks);
+            let cookie = nbd.aio_pread_structured(buf, req.offset, flags, move |o, l, k| {
+                seen.lock().unwrap_or_else(|e| e.into_inner()).add(o, l, k)
+            })?;
+            pending.insert(cookie, (req, chunks));
             issued += 1;
             continue;
         }
         let (cookie, done) = nbd.wait_any()?;
-        let Some(req) = pending.remove(&cookie) else {
+        let Some((req, chunks)) = pending.remove(&cookie) else {
             continue;
         };
         if let Err(e @ nbd_std::nbd_core::CommandError::ConnectionClosed(_)) = &done.result {
             return Err(nbd_std::Error::Command(e.clone()));
         }
-        check(&req, &done, &mut totals);
+        let chunks = std::mem::take(&mut *chunks.lock().unwrap_or_else(|e| e.into_inner()));
+        check(&req, &done, &chunks, &mut totals);
         if let Some(b) = done.buffer {
             spare.push(b);
         }
@@ -141,27 +195,23 @@ fn run(nbd: &mut Client, count: u64) -> nbd_std::Result<Totals> {
 }
 
 /// Checks one completed read against the chunk rules and adds it to the totals.
-fn check(req: &Request, done: &Completion, t: &mut Totals) {
+fn check(req: &Request, done: &Completion, chunks: &Chunks, t: &mut Totals) {
     let end = req.offset + req.len;
     let mut violation = None;
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    let mut errors = 0;
-    for &(offset, length, kind) in &done.chunks {
-        t.chunks += 1;
+    let [data, holes, errors, other] = chunks.counts;
+    t.chunks += data + holes + errors + other;
+    t.data_chunks += data;
+    t.hole_chunks += holes;
+    t.error_chunks += errors;
+    if let Some(offset) = chunks.empty {
+        violation.get_or_insert(format!("empty chunk at offset {offset}"));
+    }
+    for &(offset, length, kind) in &chunks.runs {
         match kind {
-            ReadChunkKind::Data => {
-                t.data_chunks += 1;
-                t.data_bytes += length;
-            }
-            ReadChunkKind::Hole => {
-                t.hole_chunks += 1;
-                t.hole_bytes += length;
-            }
-            ReadChunkKind::Error => {
-                t.error_chunks += 1;
-                errors += 1;
-            }
-            // A kind this program does not know: count it, nothing else.
+            ReadChunkKind::Data => t.data_bytes += length,
+            ReadChunkKind::Hole => t.hole_bytes += length,
+            // Errors and kinds this program does not know: counted above.
             _ => {}
         }
         let inside = offset >= req.offset && offset.checked_add(length).is_some_and(|e| e <= end);
@@ -222,10 +272,10 @@ fn check(req: &Request, done: &Completion, t: &mut Totals) {
                     req.len, req.offset
                 ));
             }
-            if req.df && done.chunks.len() > 1 {
+            if req.df && chunks.total() > 1 {
                 violation.get_or_insert(format!(
                     "{} chunks for a DF read of {} bytes at {}",
-                    done.chunks.len(),
+                    chunks.total(),
                     req.len,
                     req.offset
                 ));

@@ -1,6 +1,7 @@
 //! [`Client`]: one NBD connection over a Unix or TCP socket, driven by
 //! `nbd-core`, with libnbd's blocking API and a pipelined (aio) API.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -9,7 +10,7 @@ use nbd_core::{
     BlockSize, CloseReason, CmdFlags, Config, Connection, Cookie, Event, ExportInfo, Extent,
     OptionKind, Phase, Protocol, ReadChunkKind, UsageError,
 };
-use nbd_driver::{Completion, Demux, Driver, RecvUntil, Socket};
+use nbd_driver::{Completion, Connected, Demux, Driver, RecvUntil, Socket, Subprocess};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 
 use crate::error::{Error, Result};
@@ -59,6 +60,25 @@ pub struct Client {
     went: bool,
     unsupported: Option<String>,
     spare: Option<BytesMut>,
+    /// The server process this client started, if any: declared after
+    /// `socket`, so the socket closes first and the server can exit.
+    process: Option<Subprocess>,
+    /// Chunk callbacks of structured reads in flight (`aio_pread_structured`).
+    chunk_fns: HashMap<Cookie, ChunkFn>,
+    /// The structured read a blocking `pread_structured` waits for, and its
+    /// chunks reported since the caller's callback last ran (at most one
+    /// turn of the I/O loop's worth).
+    own_read: Option<Cookie>,
+    own_chunks: Vec<(u64, u64, ReadChunkKind)>,
+}
+
+/// A chunk callback of [`Client::aio_pread_structured`].
+struct ChunkFn(Box<dyn FnMut(u64, u64, ReadChunkKind) + Send>);
+
+impl std::fmt::Debug for ChunkFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChunkFn")
+    }
 }
 
 impl Client {
@@ -76,7 +96,7 @@ impl Client {
     pub fn connect(target: &str, mut cfg: Config) -> Result<Client> {
         let start = Instant::now();
         let c = nbd_driver::connect(target, &mut cfg)?;
-        Client::handshake(c.socket, c.target, cfg, start)
+        Client::handshake_connected(c, cfg, start)
     }
 
     /// Connects to an NBD URI (the export name comes from the URI) and runs
@@ -86,7 +106,7 @@ impl Client {
     pub fn connect_uri(uri: &str, mut cfg: Config) -> Result<Client> {
         let start = Instant::now();
         let c = nbd_driver::connect_uri(uri, &mut cfg)?;
-        Client::handshake(c.socket, c.target, cfg, start)
+        Client::handshake_connected(c, cfg, start)
     }
 
     /// Connects to a Unix domain socket (a leading NUL byte names a Linux
@@ -119,9 +139,69 @@ impl Client {
         Client::handshake(s, "socket".into(), cfg, Instant::now())
     }
 
+    /// Runs an NBD client over a connected stream socket given as a file
+    /// descriptor (Unix or TCP; libnbd's `nbd_connect_socket`); the client
+    /// owns it from now on.
+    pub fn connect_fd(fd: std::os::fd::OwnedFd, cfg: Config) -> Result<Client> {
+        let s = Socket::from_fd(fd).map_err(|e| Error::Io {
+            context: "adopt socket".into(),
+            source: e,
+        })?;
+        let target = s.peer_description();
+        Client::handshake(s, target, cfg, Instant::now())
+    }
+
+    /// Starts `argv` (program and arguments) as a server speaking NBD on
+    /// its stdin and stdout, such as `["nbdkit", "-s", "memory", "1M"]`,
+    /// and runs the handshake over a socket pair (libnbd's
+    /// `nbd_connect_command`). The server is stopped and reaped when the
+    /// client is dropped ([`nbd_driver::Subprocess`]).
+    pub fn connect_command(argv: &[impl AsRef<std::ffi::OsStr>], cfg: Config) -> Result<Client> {
+        let start = Instant::now();
+        let c = nbd_driver::connect_command(argv)?;
+        Client::handshake_connected(c, cfg, start)
+    }
+
+    /// Starts `argv` with systemd socket activation (a listening socket
+    /// as fd 3, `LISTEN_PID`, `LISTEN_FDS=1`), as libnbd's
+    /// `nbd_connect_systemd_socket_activation` does, for servers such as
+    /// `["qemu-nbd", "-f", "raw", "disk.img"]` or `["nbdkit", "memory",
+    /// "1M"]`, and runs the handshake. The server is stopped and reaped
+    /// when the client is dropped.
+    pub fn connect_systemd_socket_activation(
+        argv: &[impl AsRef<std::ffi::OsStr>],
+        cfg: Config,
+    ) -> Result<Client> {
+        let start = Instant::now();
+        let c = nbd_driver::connect_socket_activation(argv, None)?;
+        Client::handshake_connected(c, cfg, start)
+    }
+
+    /// The process ID of the server this client started
+    /// ([`Client::connect_command`],
+    /// [`Client::connect_systemd_socket_activation`]), if any.
+    pub fn subprocess_pid(&self) -> Option<u32> {
+        self.process.as_ref().map(Subprocess::pid)
+    }
+
+    fn handshake_connected(c: Connected, cfg: Config, start: Instant) -> Result<Client> {
+        let mut process = c.process;
+        Client::handshake_with(c.socket, c.target, cfg, start, &mut process)
+    }
+
+    fn handshake(socket: Socket, target: String, cfg: Config, start: Instant) -> Result<Client> {
+        Client::handshake_with(socket, target, cfg, start, &mut None)
+    }
+
     /// `start`: when the connect began, which the handshake deadline
     /// counts from.
-    fn handshake(socket: Socket, target: String, cfg: Config, start: Instant) -> Result<Client> {
+    fn handshake_with(
+        socket: Socket,
+        target: String,
+        cfg: Config,
+        start: Instant,
+        process: &mut Option<Subprocess>,
+    ) -> Result<Client> {
         let demux = Demux::with_capacity(cfg.limits.max_in_flight);
         let deadline = cfg.handshake_timeout.and_then(|d| start.checked_add(d));
         let mut conn = Connection::new(cfg, Instant::now());
@@ -137,6 +217,10 @@ impl Client {
             went: false,
             unsupported: None,
             spare: None,
+            process: process.take(),
+            chunk_fns: HashMap::new(),
+            own_read: None,
+            own_chunks: Vec::new(),
         };
         let r = c.run_until(|c| c.conn.phase() != Phase::Connecting);
         // A server may close right after GO (the export is known by then):
@@ -248,17 +332,21 @@ impl Client {
     /// in poll(2) only if nothing could be done and `block` is set, and
     /// then not past the next deadline of the core or `until`.
     fn pump(&mut self, block: bool, until: Option<Instant>) -> Result<()> {
+        self.pump_reads(block, until, READS_PER_TURN)
+    }
+
+    /// [`Client::pump`] with at most `reads` socket reads before the events
+    /// are handled.
+    fn pump_reads(&mut self, block: bool, until: Option<Instant>, reads: u32) -> Result<()> {
         if self.tick() {
             // A deadline passed: let the caller look before any wait.
             self.driver.finish(&mut self.conn, &mut self.socket);
             return Ok(());
         }
         let w = self.driver.send(&mut self.conn, &mut self.socket, u32::MAX);
-        let r = self.driver.recv(
-            &mut self.conn,
-            &mut self.socket,
-            RecvUntil::Reads(READS_PER_TURN),
-        );
+        let r = self
+            .driver
+            .recv(&mut self.conn, &mut self.socket, RecvUntil::Reads(reads));
         self.dispatch();
         self.driver.finish(&mut self.conn, &mut self.socket);
         if w.progressed || r.progressed || r.more || !block {
@@ -312,10 +400,19 @@ impl Client {
 
     fn dispatch(&mut self) {
         while let Some(ev) = self.conn.poll_event() {
+            if let Event::CommandDone { cookie, .. } = &ev {
+                self.chunk_fns.remove(cookie);
+            }
             let Some(ev) = self.demux.handle(ev) else {
                 continue;
             };
             match ev {
+                Event::ReadChunk {
+                    cookie,
+                    offset,
+                    length,
+                    kind,
+                } => self.deliver_chunk(cookie, offset, length, kind),
                 Event::ExportListed { name, description } => self.listed.push((name, description)),
                 Event::MetaContext { name, .. } => self.contexts.push(name),
                 Event::OptionSucceeded(k) => self.opt_result = Some(Ok(k)),
@@ -330,6 +427,16 @@ impl Client {
                 Event::GoSucceeded(_) => self.went = true,
                 _ => {}
             }
+        }
+    }
+
+    /// Hands a read chunk to its read's callback, or to the blocking
+    /// `pread_structured` waiting for it; nothing else keeps it.
+    fn deliver_chunk(&mut self, cookie: Cookie, offset: u64, length: u64, kind: ReadChunkKind) {
+        if let Some(f) = self.chunk_fns.get_mut(&cookie) {
+            (f.0)(offset, length, kind);
+        } else if self.own_read == Some(cookie) {
+            self.own_chunks.push((offset, length, kind));
         }
     }
 
@@ -647,12 +754,36 @@ impl Client {
             .map_err(UsageError::from)?)
     }
 
-    /// Queues a read that also reports every structured chunk.
+    /// Queues a read that also reports every structured chunk to `chunk`
+    /// as `(offset, length, kind)`, in arrival order (libnbd's
+    /// `aio_pread_structured` with its chunk callback): an error chunk as
+    /// [`ReadChunkKind::Error`] with length 0 at its offset (the request's
+    /// offset if it named none). `chunk` is called from the I/O loop of
+    /// whichever call makes progress ([`Client::wait`], [`Client::poll`],
+    /// ...), as each chunk's header arrives: the data is in the buffer once
+    /// the [`Completion`] comes. It is dropped when the read completes.
+    ///
+    /// Nothing is kept per chunk: a read answered as one chunk per byte
+    /// costs the client what one answered in one chunk does, besides the
+    /// chunks of one turn of the I/O loop (up to 16 socket reads of at most
+    /// 256 KiB) waiting for `chunk`. What `chunk` keeps is up to it.
     ///
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
     /// ([details](Client#after-the-connection-ended)).
     pub fn aio_pread_structured(
+        &mut self,
+        buf: BytesMut,
+        offset: u64,
+        flags: CmdFlags,
+        chunk: impl FnMut(u64, u64, ReadChunkKind) + Send + 'static,
+    ) -> Result<Cookie> {
+        let cookie = self.queue_structured_read(buf, offset, flags)?;
+        self.chunk_fns.insert(cookie, ChunkFn(Box::new(chunk)));
+        Ok(cookie)
+    }
+
+    fn queue_structured_read(
         &mut self,
         buf: BytesMut,
         offset: u64,
@@ -806,8 +937,19 @@ impl Client {
         Ok(c.buffer.unwrap_or_default())
     }
 
-    /// Reads with structured-reply details: returns the chunks seen as
-    /// (offset, length, kind), in arrival order (libnbd's `pread_structured`).
+    /// Reads `buf.len()` bytes at `offset` with structured-reply details
+    /// (libnbd's `pread_structured`): `chunk` is called with each chunk as
+    /// `(offset, length, kind)`, in arrival order, while the call waits;
+    /// an error chunk comes as [`ReadChunkKind::Error`] with length 0 at
+    /// its offset (the request's offset if it named none). `buf` holds the
+    /// data once the call returns `Ok`.
+    ///
+    /// Nothing is kept per chunk: besides the read's buffer, the client
+    /// holds the chunks of one socket read (at most 256 KiB of input, so at
+    /// most about 10,000 chunks of 26 bytes or more) until `chunk` has seen
+    /// them, however many chunks the server splits the read into. A read of
+    /// 2 MiB sent as 2^21 one-byte chunks costs about what one sent in one
+    /// chunk does.
     ///
     /// If the connection has already ended: [`Error::Closed`]; if it is
     /// alive but in the wrong phase: [`Error::Usage`]
@@ -817,16 +959,49 @@ impl Client {
         buf: &mut [u8],
         offset: u64,
         flags: CmdFlags,
-    ) -> Result<Vec<(u64, u64, ReadChunkKind)>> {
-        let mut b = BytesMut::zeroed(buf.len());
-        b.truncate(buf.len());
-        let cookie = self.aio_pread_structured(b, offset, flags)?;
-        let c = self.wait(cookie)?;
-        if let (Ok(()), Some(b)) = (&c.result, &c.buffer) {
-            buf.copy_from_slice(&b[..buf.len()]);
+        mut chunk: impl FnMut(u64, u64, ReadChunkKind),
+    ) -> Result<()> {
+        let mut b = self.spare.take().unwrap_or_default();
+        b.resize(buf.len(), 0);
+        let cookie = self.queue_structured_read(b, offset, flags)?;
+        self.own_read = Some(cookie);
+        self.own_chunks.clear();
+        let r = loop {
+            self.dispatch();
+            for (o, l, k) in self.own_chunks.drain(..) {
+                chunk(o, l, k);
+            }
+            if self.demux.is_done(cookie) {
+                break Ok(());
+            }
+            if self.conn.is_finished() {
+                break self.check_open().and(Err(Error::Closed(
+                    self.conn
+                        .close_reason()
+                        .cloned()
+                        .unwrap_or(CloseReason::Aborted),
+                )));
+            }
+            // One socket read a turn: the events waiting for `chunk` are
+            // then those of at most one receive buffer.
+            if let Err(e) = self.pump_reads(true, None, 1) {
+                break Err(e);
+            }
+        };
+        self.own_read = None;
+        // Keep the capacity of a few chunks, not of a hostile turn's worth.
+        self.own_chunks.clear();
+        self.own_chunks.shrink_to(4096);
+        let Some(c) = self.demux.take(cookie) else {
+            return Err(r.err().unwrap_or(Error::Closed(CloseReason::Aborted)));
+        };
+        if let Some(b) = c.buffer {
+            if c.result.is_ok() {
+                buf.copy_from_slice(&b[..buf.len()]);
+            }
+            self.spare = Some(b);
         }
-        c.result.map_err(Error::from)?;
-        Ok(c.chunks)
+        c.result.map_err(Error::from)
     }
 
     /// Writes `buf` at `offset`.

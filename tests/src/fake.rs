@@ -897,6 +897,47 @@ impl FakeConn {
         )
     }
 
+    /// Answers the read `req` with one `OFFSET_DATA` chunk per byte of
+    /// `data` (its bytes for `req.offset..`), in descending order when
+    /// `descending` is set, the last one with the done flag: legal, and the
+    /// most chunks a read can have. Written in 1 MiB batches, not one
+    /// system call per chunk.
+    pub fn send_one_byte_chunks(
+        &mut self,
+        req: &Request,
+        data: &[u8],
+        descending: bool,
+    ) -> io::Result<()> {
+        let n = data.len();
+        let mut batch = Vec::with_capacity((1 << 20) + 64);
+        for k in 0..n {
+            let i = if descending { n - 1 - k } else { k };
+            let flags = done_flag(k + 1 == n);
+            let offset = req.offset + i as u64;
+            if req.is_extended() {
+                batch.put_u32(EXTENDED_REPLY_MAGIC);
+                batch.put_u16(flags);
+                batch.put_u16(REPLY_TYPE_OFFSET_DATA);
+                batch.put_u64(req.cookie);
+                batch.put_u64(req.offset);
+                batch.put_u64(9);
+            } else {
+                batch.put_u32(STRUCTURED_REPLY_MAGIC);
+                batch.put_u16(flags);
+                batch.put_u16(REPLY_TYPE_OFFSET_DATA);
+                batch.put_u64(req.cookie);
+                batch.put_u32(9);
+            }
+            batch.put_u64(offset);
+            batch.put_u8(data[i]);
+            if batch.len() >= 1 << 20 {
+                self.send(&batch)?;
+                batch.clear();
+            }
+        }
+        self.send(&batch)
+    }
+
     /// Sends an `OFFSET_HOLE` chunk for `req`.
     pub fn send_hole_chunk(
         &mut self,

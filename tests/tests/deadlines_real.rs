@@ -414,3 +414,25 @@ fn the_deadline_read_examples_against_a_normal_nbdkit() {
     // Usage errors are one line too.
     run_example("deadline-read", &[&server.uri(), "soon"], "").assert_one_line_error("usage");
 }
+
+#[test]
+fn dropping_a_client_with_commands_in_flight_neither_hangs_nor_panics() {
+    let server = FakeServer::start(|c| {
+        c.standard_handshake(1 << 20, FLAG_HAS_FLAGS)?;
+        for _ in 0..4 {
+            c.recv_request()?;
+        }
+        // Never answers; the client's drop must close the connection.
+        stall(c)
+    });
+    let mut nbd = Client::connect(&server.uri(), Config::default()).unwrap();
+    for i in 0..4u64 {
+        nbd.aio_pread(BytesMut::zeroed(4096), i * 4096, CmdFlags::empty())
+            .unwrap();
+    }
+    nbd.poll().unwrap(); // the requests go out
+    let t = Instant::now();
+    drop(nbd);
+    assert!(t.elapsed() < Duration::from_secs(1), "drop waited");
+    server.join().unwrap();
+}

@@ -520,18 +520,22 @@ fn io01_nbdkit_pattern_self_verifying_reads() {
     // The last bytes of the export, and a structured read with chunk events.
     assert_data(&mut c, size - 13, &expect(size - 13, 13), "tail");
     let mut buf = vec![0u8; 100_000];
-    let chunks = c
-        .pread_structured(&mut buf, 1_000_003, CmdFlags::empty())
-        .expect("pread_structured");
+    let mut chunks = Vec::new();
+    c.pread_structured(&mut buf, 1_000_003, CmdFlags::empty(), |o, l, k| {
+        chunks.push((o, l, k))
+    })
+    .expect("pread_structured");
     assert!(buf == expect(1_000_003, 100_000));
     let covered: u64 = chunks.iter().map(|&(_, l, _)| l).sum();
     assert_eq!(covered, 100_000, "chunks cover the read: {chunks:?}");
     assert!(chunks.iter().all(|&(_, _, k)| k == ReadChunkKind::Data));
     // DF is advertised by the pattern plugin: one data chunk.
     assert!(info.can_df());
-    let chunks = c
-        .pread_structured(&mut buf, 4096, CmdFlags::DF)
-        .expect("pread DF");
+    let mut chunks = Vec::new();
+    c.pread_structured(&mut buf, 4096, CmdFlags::DF, |o, l, k| {
+        chunks.push((o, l, k))
+    })
+    .expect("pread DF");
     assert_eq!(chunks, vec![(4096, 100_000, ReadChunkKind::Data)]);
     // Writes to a read-only export: refused client-side (strict), EPERM
     // from the server otherwise; the connection stays usable.
@@ -714,9 +718,11 @@ fn hs10_qemu_nbd_structured_and_extended_on_and_off() {
             c.wait(ck).unwrap().result.expect("aio write");
         }
         let mut buf = vec![0u8; 960_000];
-        let chunks = c
-            .pread_structured(&mut buf, 2 * MIB, CmdFlags::empty())
-            .unwrap();
+        let mut chunks = Vec::new();
+        c.pread_structured(&mut buf, 2 * MIB, CmdFlags::empty(), |o, l, k| {
+            chunks.push((o, l, k))
+        })
+        .unwrap();
         assert!(buf[..] == shadow[2 * MIB as usize..2 * MIB as usize + 960_000]);
         assert_eq!(chunks.iter().map(|c| c.1).sum::<u64>(), 960_000);
         if want_sr {
