@@ -127,11 +127,10 @@ pub fn connect(server: &Server, cfg: Config) -> Res<Client> {
     }
 }
 
-fn connect_command(argv: &[String], _cfg: Config) -> Res<Client> {
-    fail(format!(
-        "[ {} ]: running a server as a subprocess is not supported yet",
-        argv.join(" ")
-    ))
+/// Starts `argv` with systemd socket activation and connects to it; the
+/// server is stopped when the client is dropped.
+fn connect_command(argv: &[String], cfg: Config) -> Res<Client> {
+    Client::connect_systemd_socket_activation(argv, cfg).ctx(format!("[ {} ]", argv.join(" ")))
 }
 
 /// The URI libnbd's `nbd_get_uri` would give for `server` and `export`,

@@ -134,10 +134,7 @@ fn mio_connect(server: &Server, cfg: Config) -> Res<NbdConnection> {
     let mut c = match server {
         Server::Uri(u) => NbdConnection::connect_uri(u, cfg).ctx(u)?,
         Server::Command(argv) => {
-            return fail(format!(
-                "[ {} ]: running a server as a subprocess is not supported yet",
-                argv.join(" ")
-            ))
+            NbdConnection::connect_systemd_socket_activation(argv, cfg).ctx(server.describe())?
         }
     };
     let what = server.describe();

@@ -603,3 +603,83 @@ fn discard_and_zero() {
     let ro = nbdkit(&["-r", "memory", "1M"]);
     assert_one_line_error(&nbd(&["discard", &ro.uri()]), "discard");
 }
+
+// ---------------------------------------------------------------- subprocess, timeout
+
+/// `[ CMD ARGS ... ]` after `--` runs the server with systemd socket
+/// activation, as libnbd's tools do; the server is gone afterwards.
+#[test]
+fn subprocess_servers() {
+    let sub = ["--", "[", "nbdkit", "memory", "1M", "]"];
+    let ours: Value = serde_json::from_str(&ok_stdout(
+        nbd(&[&["info", "--json"][..], &sub].concat()),
+        "info",
+    ))
+    .unwrap();
+    let theirs: Value = serde_json::from_str(&ok_stdout(
+        tool("nbdinfo", &[&["--json"][..], &sub].concat()),
+        "nbdinfo",
+    ))
+    .unwrap();
+    assert_json_like_nbdinfo(&ours, &theirs, "$");
+    assert!(
+        ours["exports"][0].get("uri").is_none(),
+        "no URI for a subprocess"
+    );
+    assert_eq!(
+        ok_stdout(
+            nbd(&["info", "--size", "--", "[", "nbdkit", "null", "3M", "]"]),
+            "size"
+        ),
+        "3145728\n"
+    );
+    // Copy from one subprocess into another, then dump from a third.
+    let dir = scratch_dir();
+    let out = dir.path().join("p.raw");
+    let o = nbd(&[
+        "copy",
+        "--",
+        "[",
+        "nbdkit",
+        "pattern",
+        "1M",
+        "]",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = Command::new("nbdcopy")
+        .args(["--", "[", "nbdkit", "pattern", "1M", "]", "-"])
+        .output()
+        .unwrap()
+        .stdout;
+    assert!(std::fs::read(&out).unwrap() == want);
+    let ours = nbd(&["dump", "--", "[", "nbdkit", "pattern", "64K", "]"]);
+    let theirs = tool("nbddump", &["--", "[", "nbdkit", "pattern", "64K", "]"]);
+    assert_eq!(ours.stdout, theirs.stdout);
+    assert_one_line_error(
+        &nbd(&["info", "--", "[", "/nonexistent/server", "]"]),
+        "info",
+    );
+}
+
+/// `--timeout` gives up on a server that does not answer in time.
+#[test]
+fn timeout_gives_up() {
+    let slow = servers::nbdkit_with(&["--filter=delay"], &["memory", "1M", "rdelay=10"]);
+    let t = std::time::Instant::now();
+    let o = nbd(&["dump", "--timeout", "1", &slow.uri()]);
+    assert_one_line_error(&o, "dump");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        t.elapsed()
+    );
+    let t = std::time::Instant::now();
+    let o = nbd(&["copy", "--timeout=1", &slow.uri(), "null:", "--no-extents"]);
+    assert_one_line_error(&o, "copy");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(8),
+        "{:?}",
+        t.elapsed()
+    );
+}
