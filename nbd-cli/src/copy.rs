@@ -513,6 +513,8 @@ struct Worker {
     error: Option<String>,
     zeroes: Bytes,
     base_id: Option<u32>,
+    /// The destination takes NBD_CMD_WRITE_ZEROES.
+    dst_can_zero: bool,
 }
 
 impl Worker {
@@ -528,7 +530,10 @@ impl Worker {
             .collect();
         let base_id = reader_conn(&src).and_then(|c| c.conn().meta_context_id("base:allocation"));
         let n = plan.requests * 2 + 8;
+        let dst_can_zero =
+            writer_conn(&dst).is_some_and(|c| c.conn().export_info().is_some_and(|i| i.can_zero()));
         Worker {
+            dst_can_zero,
             free: (0..plan.buffers).rev().collect(),
             slots,
             src_ops: HashMap::with_capacity(n),
@@ -1049,8 +1054,7 @@ impl Worker {
         match &mut self.dst {
             Writer::Null => Ok(n),
             Writer::Nbd(c) => {
-                let info = c.conn().export_info().cloned().unwrap_or_default();
-                if info.can_zero() {
+                if self.dst_can_zero {
                     let n = n.min(ZERO_MAX);
                     let flags = if allocated {
                         CmdFlags::NO_HOLE
