@@ -410,8 +410,11 @@ pub fn run(a: Args) -> Res {
     if let Some(p) = progress {
         p.finish(result.is_ok());
     }
-    result.map_err(Fail)?;
-    Ok(0)
+    match result {
+        Ok(()) => Ok(0),
+        Err(m) if m.is_empty() => fail("copy stopped"),
+        Err(m) => fail(m),
+    }
 }
 
 /// The sides of one more worker (multi-conn).
@@ -772,7 +775,6 @@ impl Worker {
                     self.set_error(format!("source: {r}"));
                 }
                 self.src_ops.clear();
-                self.dst_ops.retain(|_, _| true);
             }
             _ => {}
         }
