@@ -459,13 +459,13 @@ impl Client {
     /// The export size in bytes; [`nbd_core::UsageError::WrongPhase`]
     /// before the export is known.
     pub fn size(&self) -> Result<u64> {
-        self.export_info().map(|i| i.size).ok_or_else(|| {
-            Error::Usage(nbd_core::UsageError::WrongPhase {
+        self.export_info()
+            .map(|i| i.size)
+            .ok_or(Error::Usage(nbd_core::UsageError::WrongPhase {
                 call: "size",
                 needed: "connected, or after opt_info",
                 actual: "negotiating",
-            })
-        })
+            }))
     }
 
     /// The connection's phase, as of the task's last turn.

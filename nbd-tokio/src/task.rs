@@ -468,11 +468,13 @@ impl ConnectionTask {
                     Op::Write { data, .. } => data.len() as u64,
                     _ => 0,
                 };
-                if self.conn.phase() == Phase::Ready && !self.conn.has_room(bytes) {
-                    if self.conn.in_flight() > 0 {
-                        return Err(Msg::Cmd { op, reply });
-                    }
-                    // Too large even for an empty table: let the core say so.
+                // A command too large even for an empty table goes to the
+                // core, which says so.
+                if self.conn.phase() == Phase::Ready
+                    && !self.conn.has_room(bytes)
+                    && self.conn.in_flight() > 0
+                {
+                    return Err(Msg::Cmd { op, reply });
                 }
                 match self.issue(op) {
                     Ok(cookie) => {
@@ -654,51 +656,67 @@ impl ConnectionTask {
         true
     }
 
+    /// Writes what the core queued while tokio reports the socket
+    /// writable. A write that finds the socket full clears tokio's
+    /// readiness and polls again, which registers the waker (or finds a
+    /// newer readiness event and writes on).
     fn poll_send(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.conn.wants_write() {
-            return false;
-        }
-        match self.fd.poll_write_ready_mut(cx) {
-            Poll::Ready(Ok(mut guard)) => {
-                self.driver.on_writable();
-                let mut t = Tracked::new(guard.get_inner_mut());
-                let p = self.driver.send(&mut self.conn, &mut t, WRITES_PER_TURN);
-                if t.write_blocked {
+        let mut progressed = false;
+        while self.conn.wants_write() {
+            match self.fd.poll_write_ready_mut(cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    self.driver.on_writable();
+                    let mut t = Tracked::new(guard.get_inner_mut());
+                    let p = self.driver.send(&mut self.conn, &mut t, WRITES_PER_TURN);
+                    progressed |= p.progressed;
+                    if !t.write_blocked {
+                        return progressed || p.more;
+                    }
                     guard.clear_ready_matching(Ready::WRITABLE);
                 }
-                p.progressed || p.more
+                Poll::Ready(Err(e)) => {
+                    self.conn
+                        .handle_transport_error(format!("waiting to write: {e}"));
+                    return true;
+                }
+                Poll::Pending => break,
             }
-            Poll::Ready(Err(e)) => {
-                self.conn
-                    .handle_transport_error(format!("waiting to write: {e}"));
-                true
-            }
-            Poll::Pending => false,
         }
+        progressed
     }
 
+    /// Reads what the server sent while tokio reports the socket
+    /// readable; as [`ConnectionTask::poll_send`], a read that finds it
+    /// empty clears the readiness and polls again.
     fn poll_recv(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.conn.wants_read() {
-            return false;
-        }
-        match self.fd.poll_read_ready_mut(cx) {
-            Poll::Ready(Ok(mut guard)) => {
-                let mut t = Tracked::new(guard.get_inner_mut());
-                let p = self
-                    .driver
-                    .recv(&mut self.conn, &mut t, RecvUntil::Reads(READS_PER_TURN));
-                if t.read_blocked {
+        let mut progressed = false;
+        while self.conn.wants_read() {
+            match self.fd.poll_read_ready_mut(cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    let mut t = Tracked::new(guard.get_inner_mut());
+                    let p =
+                        self.driver
+                            .recv(&mut self.conn, &mut t, RecvUntil::Reads(READS_PER_TURN));
+                    progressed |= p.progressed;
+                    if !t.read_blocked {
+                        return progressed || p.more;
+                    }
                     guard.clear_ready_matching(Ready::READABLE);
+                    if progressed {
+                        // Events to hand out first; the next turn polls
+                        // again and registers the waker.
+                        return true;
+                    }
                 }
-                p.progressed || p.more
+                Poll::Ready(Err(e)) => {
+                    self.conn
+                        .handle_transport_error(format!("waiting to read: {e}"));
+                    return true;
+                }
+                Poll::Pending => break,
             }
-            Poll::Ready(Err(e)) => {
-                self.conn
-                    .handle_transport_error(format!("waiting to read: {e}"));
-                true
-            }
-            Poll::Pending => false,
         }
+        progressed
     }
 
     /// Drains the core's events: completions go to their callers, the
