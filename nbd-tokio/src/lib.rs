@@ -72,6 +72,15 @@
 //! in flight fails with [`CommandError::ConnectionClosed`] and later calls
 //! with [`Error::Closed`].
 //!
+//! ## Costs
+//! A call costs one heap allocation in steady state: its oneshot reply
+//! channel (`aio-bench-tokio` measures 1.00 per request); the command
+//! channel, the core's tables and the buffers you pass in are reused.
+//! Payloads are never copied by this crate (except by [`NbdFile`]'s
+//! writes, which `AsyncWrite` only lends a slice). The task yields after
+//! each turn that completed calls, so their tasks submit their next
+//! commands before it writes again: they reach the server in one write.
+//!
 //! ## Errors
 //! [`Error`] wraps the core's typed errors ([`UsageError`],
 //! [`CommandError`], [`CloseReason`]) and converts into `std::io::Error`

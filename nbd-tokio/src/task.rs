@@ -221,6 +221,8 @@ pub struct ConnectionTask {
     disc: Option<DiscWait>,
     sleep: Option<Pin<Box<Sleep>>>,
     clients_gone: bool,
+    /// The last turn completed calls: yield so their tasks run.
+    woke_callers: bool,
     went: bool,
     unsupported: Option<String>,
     done: bool,
@@ -265,6 +267,7 @@ impl ConnectionTask {
             disc: None,
             sleep: None,
             clients_gone: false,
+            woke_callers: false,
             went: false,
             unsupported: None,
             done: false,
@@ -321,6 +324,14 @@ impl ConnectionTask {
             }
             if !progressed {
                 self.publish();
+                return Poll::Pending;
+            }
+            if std::mem::take(&mut self.woke_callers) {
+                // Let the callers whose commands completed run now, so
+                // that their next commands reach the server while it still
+                // has work: they come back together, in one write.
+                self.publish();
+                cx.waker().wake_by_ref();
                 return Poll::Pending;
             }
         }
@@ -738,7 +749,7 @@ impl ConnectionTask {
                     // A command cancelled by the sweep has no entry: its
                     // completion (and buffer) is dropped here.
                     if let Some(reply) = self.pending.remove(&cookie) {
-                        let _ = reply.send(Ok(c));
+                        self.woke_callers |= reply.send(Ok(c)).is_ok();
                     }
                 }
                 Some(ev) => self.on_event(ev),
