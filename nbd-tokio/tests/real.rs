@@ -435,3 +435,48 @@ async fn connect_command_and_abort() {
     let e = nbd.flush(CmdFlags::empty()).await.expect_err("aborted");
     assert!(matches!(e, Error::Closed(_)), "{e}");
 }
+
+#[tokio::test]
+async fn every_transport_of_nbd_driver_connects() {
+    // TCP (URI and host/port), a Unix socket path, socket activation.
+    let tcp = nbd_tests::servers::nbdkit_tcp(&[], &["memory", "1M"]);
+    let addr = tcp.addr().unwrap();
+    let unix = nbdkit(&["memory", "2M"]);
+    let mut ends = Vec::new();
+    for (nbd, task) in [
+        Client::connect(&tcp.uri(), Config::default())
+            .await
+            .unwrap(),
+        Client::connect_tcp(&addr.ip().to_string(), addr.port(), Config::default())
+            .await
+            .unwrap(),
+        Client::connect(unix.socket().to_str().unwrap(), Config::default())
+            .await
+            .unwrap(),
+        Client::connect_unix(unix.socket(), Config::default())
+            .await
+            .unwrap(),
+        Client::connect_systemd_socket_activation(&["nbdkit", "memory", "3M"], Config::default())
+            .await
+            .unwrap(),
+    ] {
+        let task = tokio::spawn(task);
+        let size = nbd.size().unwrap();
+        assert!([1 << 20, 2 << 20, 3 << 20].contains(&size), "{size}");
+        let b = nbd
+            .read(size - 512, BytesMut::zeroed(512), CmdFlags::empty())
+            .await
+            .unwrap();
+        assert_eq!(b.len(), 512);
+        nbd.disconnect().await.unwrap();
+        ends.push(task);
+    }
+    for t in ends {
+        t.await.unwrap().unwrap();
+    }
+    // TLS URIs are refused before anything is sent.
+    let e = Client::connect("nbds+unix:///?socket=/nonexistent", Config::default())
+        .await
+        .expect_err("no TLS yet");
+    assert!(matches!(e, Error::Unsupported(_)), "{e}");
+}
