@@ -23,7 +23,7 @@
 //! GiB/s=2.427 usr=0.101 sys=0.297 cpu_s_per_GiB=0.398`; with `-j` one JSON
 //! object per iteration (`"client":"nbd-tokio"`). A counting global
 //! allocator reports the heap allocations per request of the timed phase
-//! (`allocs_per_req`: the oneshot channel of each call is one), and the
+//! (`allocs_per_req`: 0 expected once each worker's reply slot exists), and the
 //! socket calls per request (`syscalls_per_req`: reads, empty reads,
 //! writes, full writes; tokio's epoll waits are not counted).
 

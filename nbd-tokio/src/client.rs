@@ -14,6 +14,7 @@ use tokio::io::Interest;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
+use crate::reply::{SlotPool, Waiting};
 use crate::task::{new_snapshot, ConnectionTask, Ctl, Msg, Op, OptOp, OptOut, Shared};
 
 /// A handle to one NBD connection, for any number of tasks at once.
@@ -210,6 +211,7 @@ impl Client {
             abandoned: Default::default(),
             snapshot: Mutex::new(new_snapshot()),
             ctl: ctl_tx,
+            slots: SlotPool::new(capacity * 2 + 64),
         });
         let mut task =
             ConnectionTask::new(conn, fd, c.target, rx, ctl_rx, shared.clone(), c.process);
@@ -228,24 +230,19 @@ impl Client {
     }
 
     async fn command(&self, op: Op) -> Result<Completion> {
-        let (reply, rx) = oneshot::channel();
-        let mut guard = CancelOnDrop {
-            shared: &self.shared,
-            armed: true,
-        };
+        // Dropped before its outcome (this future cancelled), `waiting`
+        // asks the task to cancel the command.
+        let (waiting, reply) = Waiting::new(&self.shared.slots, &self.shared.ctl);
         if self.tx.send(Msg::Cmd { op, reply }).await.is_err() {
-            guard.armed = false;
             return Err(self.gone());
         }
-        let r = rx.await;
-        guard.armed = false;
-        match r {
-            Ok(Ok(c)) => {
+        match waiting.await {
+            Some(Ok(c)) => {
                 c.result.as_ref().map_err(|e| Error::Command(e.clone()))?;
                 Ok(c)
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(self.gone()),
+            Some(Err(e)) => Err(e),
+            None => Err(self.gone()),
         }
     }
 
@@ -516,21 +513,5 @@ impl Client {
     /// Counters of the socket calls made so far.
     pub fn io_stats(&self) -> IoStats {
         self.shared.snapshot().stats
-    }
-}
-
-/// Held by a command future while its command may be in the task: dropped
-/// early (the future was cancelled), it asks the task to cancel the
-/// commands nobody awaits any more.
-struct CancelOnDrop<'a> {
-    shared: &'a Shared,
-    armed: bool,
-}
-
-impl Drop for CancelOnDrop<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            let _ = self.shared.ctl.send(Ctl::Sweep);
-        }
     }
 }

@@ -15,13 +15,14 @@ use bytes::{Bytes, BytesMut};
 use nbd_core::{
     CloseReason, CmdFlags, Connection, Cookie, Event, ExportInfo, OptionKind, Phase, UsageError,
 };
-use nbd_driver::{Completion, Demux, Driver, IoStats, RecvUntil, Socket, Subprocess, Transport};
+use nbd_driver::{Demux, Driver, IoStats, RecvUntil, Socket, Subprocess, Transport};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Ready;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
 use crate::error::{Error, Result};
+use crate::reply::{Reply, SlotPool};
 
 /// Reads per turn before queued requests get a look in (each read takes
 /// as much as the socket holds, up to the core's receive buffer).
@@ -79,7 +80,7 @@ pub(crate) enum OptOut {
 pub(crate) enum Msg {
     Cmd {
         op: Op,
-        reply: oneshot::Sender<Result<Completion>>,
+        reply: Reply,
     },
     Opt {
         op: OptOp,
@@ -122,6 +123,8 @@ pub(crate) struct Shared {
     pub(crate) abandoned: AtomicUsize,
     pub(crate) snapshot: Mutex<Snapshot>,
     pub(crate) ctl: mpsc::UnboundedSender<Ctl>,
+    /// Reply slots for the calls, reused.
+    pub(crate) slots: SlotPool,
 }
 
 impl Shared {
@@ -215,7 +218,7 @@ pub struct ConnectionTask {
     rx: mpsc::Receiver<Msg>,
     ctl: mpsc::UnboundedReceiver<Ctl>,
     shared: Arc<Shared>,
-    pending: HashMap<Cookie, oneshot::Sender<Result<Completion>>>,
+    pending: HashMap<Cookie, Reply>,
     stalled: Option<Msg>,
     opt: Option<OptWait>,
     disc: Option<DiscWait>,
@@ -450,7 +453,9 @@ impl ConnectionTask {
         if let Some(r) = self.conn.close_reason() {
             let e = Error::Closed(r.clone());
             match msg {
-                Msg::Cmd { reply, .. } => drop(reply.send(Err(e))),
+                Msg::Cmd { reply, .. } => {
+                    reply.send(Err(e));
+                }
                 Msg::Opt { reply, .. } => drop(reply.send(Err(e))),
                 Msg::Disconnect { reply } => {
                     let r = if r.is_loss() { Err(e) } else { Ok(()) };
@@ -749,7 +754,7 @@ impl ConnectionTask {
                     // A command cancelled by the sweep has no entry: its
                     // completion (and buffer) is dropped here.
                     if let Some(reply) = self.pending.remove(&cookie) {
-                        self.woke_callers |= reply.send(Ok(c)).is_ok();
+                        self.woke_callers |= reply.send(Ok(c));
                     }
                 }
                 Some(ev) => self.on_event(ev),
@@ -830,7 +835,9 @@ impl ConnectionTask {
         {
             let e = Error::Closed(reason.clone());
             match m {
-                Msg::Cmd { reply, .. } => drop(reply.send(Err(e))),
+                Msg::Cmd { reply, .. } => {
+                    reply.send(Err(e));
+                }
                 Msg::Opt { reply, .. } => drop(reply.send(Err(e))),
                 Msg::Disconnect { reply } => {
                     let r = if reason.is_loss() { Err(e) } else { Ok(()) };
