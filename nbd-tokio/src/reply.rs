@@ -196,3 +196,49 @@ impl Drop for Waiting<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn done() -> Result<Completion> {
+        Err(crate::Error::TaskGone)
+    }
+
+    fn poll_once(w: &mut Waiting<'_>) -> Poll<Option<Result<Completion>>> {
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        Pin::new(w).poll(&mut cx)
+    }
+
+    #[test]
+    fn a_sent_outcome_arrives_and_the_slot_goes_back_to_the_pool() {
+        let pool = SlotPool::new(4);
+        let (ctl, _rx) = mpsc::unbounded_channel();
+        let (mut w, reply) = Waiting::new(&pool, &ctl);
+        assert!(poll_once(&mut w).is_pending());
+        assert!(!reply.is_closed());
+        assert!(reply.send(done()));
+        assert!(matches!(poll_once(&mut w), Poll::Ready(Some(Err(_)))));
+        drop(w);
+        assert_eq!(pool.free.lock().unwrap().len(), 1, "reused");
+        // The next call gets the same slot, reset.
+        let (mut w, reply) = Waiting::new(&pool, &ctl);
+        assert!(pool.free.lock().unwrap().is_empty());
+        assert!(poll_once(&mut w).is_pending());
+        drop(reply); // the task gave up without an answer
+        assert!(matches!(poll_once(&mut w), Poll::Ready(None)));
+    }
+
+    #[test]
+    fn a_dropped_call_abandons_its_slot_and_asks_for_a_sweep() {
+        let pool = SlotPool::new(4);
+        let (ctl, mut rx) = mpsc::unbounded_channel();
+        let (w, reply) = Waiting::new(&pool, &ctl);
+        drop(w);
+        assert!(reply.is_closed());
+        assert!(matches!(rx.try_recv(), Ok(Ctl::Sweep)));
+        assert!(!reply.send(done()), "nobody waits");
+        assert!(pool.free.lock().unwrap().is_empty(), "never reused");
+    }
+}

@@ -109,9 +109,21 @@ fn aio_bench_tokio_smoke_verifies_pattern_data_and_prints_json() {
         "{r:?}"
     );
     let server = nbdkit(&["null", "16M"]);
-    let r = run("aio-bench-tokio", &["-w", "-j", "-q", "4", &server.uri()]);
+    let r = run(
+        "aio-bench-tokio",
+        &["-w", "-j", "-q", "4", "-i", "2", &server.uri()],
+    );
     assert_eq!(r.code, Some(0), "{r:?}");
-    let line = r.stdout_text();
-    assert!(line.contains("\"client\":\"nbd-tokio\""), "{line}");
-    assert!(line.contains("\"allocs_per_req\":"), "{line}");
+    let out = r.stdout_text();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].contains("\"client\":\"nbd-tokio\""), "{out}");
+    // Steady state (the second iteration): no allocation per request.
+    let allocs: f64 = lines[1]
+        .split("\"allocs_per_req\":")
+        .nth(1)
+        .and_then(|t| t.split([',', '}']).next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no allocs_per_req in {out}"));
+    assert!(allocs < 0.05, "{allocs} allocations per request: {out}");
 }
