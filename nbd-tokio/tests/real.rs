@@ -258,11 +258,7 @@ async fn the_core_deadline_times_out_a_command_and_the_next_succeeds() {
         .await
         .expect_err("times out");
     assert!(t.elapsed() >= Duration::from_millis(200));
-    assert!(
-        t.elapsed() < Duration::from_millis(900),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     assert!(
         matches!(err, Error::Command(CommandError::TimedOut { .. })),
         "{err}"
