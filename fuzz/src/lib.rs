@@ -472,6 +472,12 @@ impl Driver {
     /// Cancels the oldest command awaiting its completion, if any; its
     /// `CommandDone` must come at once (checked by the next drain).
     pub fn cancel_one(&mut self) {
+        // Completions already queued (a deadline that just passed) come
+        // first: a command whose CommandDone waits in the queue is no longer
+        // in flight, and `cancel` rightly refuses it.
+        while let Some(ev) = self.conn.poll_event() {
+            self.on_event(ev);
+        }
         if let Some(&c) = self.outstanding.iter().next() {
             if !self.conn.is_finished() {
                 self.conn

@@ -48,7 +48,13 @@ fn record(option: u32, kind: u8, p: &[u8]) -> (Vec<u8>, Option<u64>) {
         3 => (info_of(info::BLOCK_SIZE, p), None),
         4 => {
             let typ = p.first_chunk::<2>().map_or(4, |b| u16::from_be_bytes(*b));
-            (info_of(typ, p.get(2..).unwrap_or_default()), None)
+            let body = p.get(2..).unwrap_or_default();
+            // The type may well be NBD_INFO_EXPORT itself (found by the
+            // campaign: the check then missed the size it announced).
+            let size = (typ == info::EXPORT && body.len() == 10)
+                .then(|| body.first_chunk::<8>().map(|b| u64::from_be_bytes(*b)))
+                .flatten();
+            (info_of(typ, body), size)
         }
         5 => {
             let typ = p
