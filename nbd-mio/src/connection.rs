@@ -424,8 +424,9 @@ impl NbdConnection {
     /// any. Drain it until `None` after every
     /// [`NbdConnection::handle_event`]: when the queue runs dry it sends
     /// what the commands queued and reads on, so `None` means there is
-    /// nothing to do until the next readiness event. A server that asks for
-    /// TLS ends the connection (TLS is not implemented yet).
+    /// nothing to do until the next readiness event. When the server
+    /// accepts `NBD_OPT_STARTTLS`, the TLS handshake runs here too, over
+    /// the same registered socket.
     #[must_use]
     #[inline]
     pub fn poll_event(&mut self) -> Option<Event> {

@@ -115,7 +115,8 @@
 //! commands are results inside events, and the connection stays usable.
 //! [`Error`] converts into `std::io::Error`.
 //!
-//! Not supported yet: TLS (`nbds://` URIs, [`Config::tls`]) and vsock.
+//! TLS (`nbds://` URIs, [`Config::tls`]) runs inside the same registered
+//! socket (nbd-driver's `Stream`); vsock is not supported yet.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
