@@ -112,10 +112,7 @@ impl Connection {
     /// connected, with the current time: the handshake deadline
     /// ([`Config::handshake_timeout`]) counts from `now`.
     pub fn new(cfg: Config, now: Instant) -> Self {
-        let handshake_timer = match cfg.handshake_timeout.and_then(|d| now.checked_add(d)) {
-            Some(at) => HandshakeTimer::Armed(at),
-            None => HandshakeTimer::Off,
-        };
+        let handshake_timer = HandshakeTimer::starting(cfg.handshake_timeout, now);
         let xmit = Transmission::new(&cfg.limits);
         // A header and a payload per request in flight (bounded).
         let tx = SendQueue::with_capacity(cfg.limits.max_in_flight.clamp(1, 512) * 2 + 4);
@@ -300,11 +297,7 @@ impl Connection {
         if self.server_has_turn() {
             match self.handshake_timer {
                 HandshakeTimer::Suspended => {
-                    self.handshake_timer =
-                        match self.cfg.handshake_timeout.and_then(|d| now.checked_add(d)) {
-                            Some(at) => HandshakeTimer::Armed(at),
-                            None => HandshakeTimer::Off,
-                        }
+                    self.handshake_timer = HandshakeTimer::starting(self.cfg.handshake_timeout, now)
                 }
                 HandshakeTimer::Armed(at) if at <= now => {
                     let waiting_for = self.waiting_for();
@@ -340,10 +333,7 @@ impl Connection {
     /// [`Config::handshake_timeout`]. Has no effect once the transmission
     /// phase started.
     pub fn set_handshake_deadline(&mut self, deadline: Option<Instant>) {
-        self.handshake_timer = match deadline {
-            Some(at) => HandshakeTimer::Armed(at),
-            None => HandshakeTimer::Off,
-        };
+        self.handshake_timer = HandshakeTimer::until(deadline);
     }
 
     /// Ends the connection now, for `reason`: nothing more is sent or

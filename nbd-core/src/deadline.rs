@@ -180,6 +180,22 @@ pub(crate) enum HandshakeTimer {
     Suspended,
 }
 
+impl HandshakeTimer {
+    /// Armed for `deadline`, or off without one.
+    pub(crate) fn until(deadline: Option<Instant>) -> HandshakeTimer {
+        match deadline {
+            Some(at) => HandshakeTimer::Armed(at),
+            None => HandshakeTimer::Off,
+        }
+    }
+
+    /// Armed for `timeout` from `now` (off without one, or past the end
+    /// of time).
+    pub(crate) fn starting(timeout: Option<std::time::Duration>, now: Instant) -> HandshakeTimer {
+        HandshakeTimer::until(timeout.and_then(|d| now.checked_add(d)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
